@@ -1,0 +1,56 @@
+# clipserve — `make run` starts the service, `make test` runs the test suite. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONFIG ?= config/models.json
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install run test test-unit test-integration test-gpu lint fmt typecheck check bench clean
+
+# torch/torchvision are pinned and installed first, with pip, so nothing else can pull another build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/clipserve serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test: install
+	$(TEST_ENV) $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-unit: install
+	$(TEST_ENV) $(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(TEST_ENV) $(PY) -m pytest -q tests/integration
+
+test-gpu: install
+	$(TEST_ENV) $(PY) -m pytest -q -m gpu
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+fmt: install
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+bench: install
+	$(TEST_ENV) $(VENV)/bin/clipserve bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

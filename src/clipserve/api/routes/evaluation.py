@@ -1,0 +1,81 @@
+"""POST /evaluator/v1/evaluation/{single,batch}: schema -> engine -> schema."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import APIRouter
+
+from clipserve.api.deps import EngineDep, MetricsDep, SettingsDep
+from clipserve.api.schemas.evaluation import (
+    BatchEvaluationRequest,
+    BatchEvaluationResponse,
+    EvaluationRequest,
+    EvaluationResponse,
+)
+from clipserve.engine.engine import EvalItem, EvalResult
+from clipserve.errors import InvalidInputError
+from clipserve.media import describe
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/evaluator/v1/evaluation", tags=["evaluation"])
+
+
+def _response(request: EvaluationRequest, result: EvalResult) -> EvaluationResponse:
+    return EvaluationResponse(
+        image_input=describe(request.image_input),
+        text_prompt=request.text_prompt,
+        clip_score=result.score,
+        processing_time_ms=round(result.processing_time_ms, 3),
+        model_used=result.model,
+        error=result.error.message if result.error else None,
+        text_truncated=result.text_truncated,
+    )
+
+
+def _item(request: EvaluationRequest) -> EvalItem:
+    return EvalItem(request.image_input, request.text_prompt, request.model_config_name)
+
+
+@router.post("/single", response_model=EvaluationResponse)
+async def evaluate_single(body: EvaluationRequest, engine: EngineDep) -> EvaluationResponse:
+    """Score one image-text pair. Errors answer with their 4xx/5xx status and `{error, detail}`."""
+    result = await engine.evaluate_one(_item(body))
+    return _response(body, result)
+
+
+@router.post("/batch", response_model=BatchEvaluationResponse)
+async def evaluate_batch(
+    body: BatchEvaluationRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
+) -> BatchEvaluationResponse:
+    """Score many pairs in forward passes of up to `batch_size`. A failing item gets
+    `clip_score: null` and its `error`; the others succeed. Results keep request order."""
+    limit = settings.server.max_batch_items
+    if len(body.evaluations) > limit:
+        raise InvalidInputError(
+            f"batch has {len(body.evaluations)} evaluations; the limit is {limit}",
+            detail={"max_batch_items": limit},
+        )
+    started = time.perf_counter()
+    step = max(1, len(body.evaluations) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % step == 0:
+            logger.info("batch evaluation progress: %d/%d", done, total)
+
+    results = await engine.evaluate(
+        [_item(e) for e in body.evaluations],
+        batch_size=body.batch_size,
+        progress=progress if body.show_progress else None,
+    )
+    elapsed = time.perf_counter() - started
+    failed = sum(1 for r in results if r.error is not None)
+    metrics.batch_processing_efficiency.set(len(results) / elapsed if elapsed > 0 else 0.0)
+    return BatchEvaluationResponse(
+        results=[_response(req, res) for req, res in zip(body.evaluations, results, strict=True)],
+        total_processed=len(results),
+        total_successful=len(results) - failed,
+        total_failed=failed,
+        total_processing_time_ms=round(elapsed * 1000, 3),
+    )

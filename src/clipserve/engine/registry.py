@@ -1,0 +1,365 @@
+"""The model registry: specs from config, lazy single-flight loading, leases, hot reload.
+
+Every model config name has an entry with a state (``not_loaded`` → ``loading`` → ``loaded`` or
+``error``). Requests take a *lease* on a loaded model (``async with registry.use(name)``); a model
+that
+is removed, disabled or changed by a reload is retired and its weights are released only when its
+last
+lease ends, so in-flight requests always finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from clipserve.config import ModelSpec, Settings, load_model_specs
+from clipserve.engine.executor import Executors
+from clipserve.errors import (
+    ClipServeError,
+    ConfigError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from clipserve.models.base import Backend, BackendInfo
+from clipserve.models.loader import resolve_device, resolve_dtype
+from clipserve.observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+# Fields whose change means the weights must be loaded again; others (description...) are metadata.
+_LOAD_FIELDS = ("model_name", "pretrained", "backend", "device", "precision")
+
+
+class BackendLoader(Protocol):
+    def __call__(self, spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend: ...
+
+
+class ModelState(StrEnum):
+    NOT_LOADED = "not_loaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    ERROR = "error"
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded backend with the executor its forward passes run on."""
+
+    name: str
+    spec: ModelSpec
+    backend: Backend
+    executor: ThreadPoolExecutor
+    """The device's single thread: every forward pass of this model runs there."""
+    device: str
+    leases: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.backend.info
+
+
+@dataclass(eq=False)
+class _Entry:
+    name: str
+    spec: ModelSpec
+    state: ModelState = ModelState.NOT_LOADED
+    handle: ModelHandle | None = None
+    error: str | None = None
+    failed_at: float | None = None
+    load_task: asyncio.Task[ModelHandle] | None = None
+    load_time_s: float | None = None
+    loaded_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """A snapshot of one registry entry, for the API."""
+
+    name: str
+    spec: ModelSpec
+    state: ModelState
+    device: str | None = None
+    dtype: str | None = None
+    load_time_s: float | None = None
+    loaded_at: float | None = None
+    error: str | None = None
+    info: BackendInfo | None = None
+    in_flight: int = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.state is ModelState.LOADED
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    """Specs whose weights must be reloaded (the old model was retired)."""
+    updated: list[str] = field(default_factory=list)
+    """Specs whose metadata changed only (the loaded model was kept)."""
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        loader: BackendLoader,
+        executors: Executors,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._loader = loader
+        self._executors = executors
+        self._metrics = metrics
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._config_stamp: tuple[int, int] | None = None
+        self._reload_lock = asyncio.Lock()
+        self.last_reload_at: float | None = None
+        self.last_reload_error: str | None = None
+        specs = load_model_specs(settings)  # raises ConfigError: a bad config fails start-up loudly
+        self._config_stamp = self._stamp()
+        self._entries = {name: _Entry(name, spec) for name, spec in specs.items()}
+        for name in self._entries:
+            self._publish_state(name)
+
+    # --- lookup --------------------------------------------------------------------------------
+
+    def names(self, *, include_disabled: bool = False) -> list[str]:
+        return [n for n, e in self._entries.items() if include_disabled or e.spec.enabled]
+
+    def spec(self, name: str) -> ModelSpec:
+        return self._entry(name).spec
+
+    def status(self, name: str, *, include_disabled: bool = True) -> ModelStatus:
+        entry = self._entry(name, include_disabled=include_disabled)
+        handle = entry.handle
+        info = handle.info if handle else None
+        return ModelStatus(
+            name=name,
+            spec=entry.spec,
+            state=entry.state,
+            device=info.device if info else None,
+            dtype=info.dtype if info else None,
+            load_time_s=entry.load_time_s,
+            loaded_at=entry.loaded_at,
+            error=entry.error,
+            info=info,
+            in_flight=handle.leases if handle else 0,
+        )
+
+    def statuses(self, *, include_disabled: bool = False) -> list[ModelStatus]:
+        return [self.status(n) for n in self.names(include_disabled=include_disabled)]
+
+    def _entry(self, name: str, *, include_disabled: bool = False) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None or not (entry.spec.enabled or include_disabled):
+            raise ModelNotFoundError(
+                name, self.names(), disabled=entry is not None and not entry.spec.enabled
+            )
+        return entry
+
+    # --- loading and leases --------------------------------------------------------------------
+
+    async def get(self, name: str) -> ModelHandle:
+        """The loaded model, loading it first (once, however many callers wait)."""
+        entry = self._entry(name)
+        if entry.handle is not None:
+            return entry.handle
+        if entry.state is ModelState.ERROR and entry.failed_at is not None:
+            wait = self._settings.model_retry_interval_s - (self._clock() - entry.failed_at)
+            if wait > 0:
+                raise ModelUnavailableError(
+                    name, entry.error or "failed to load", retry_after_s=wait
+                )
+        if entry.load_task is None:
+            entry.load_task = asyncio.create_task(self._load(entry), name=f"load-{name}")
+        # Shielded: a caller that goes away must not cancel a load others are waiting for.
+        return await asyncio.shield(entry.load_task)
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[ModelHandle]:
+        """Lease a loaded model for the duration of the block."""
+        handle = await self.get(name)
+        handle.leases += 1
+        try:
+            yield handle
+        finally:
+            handle.leases -= 1
+            if handle.retired and handle.leases == 0:
+                await self._close_handle(handle)
+
+    async def _load(self, entry: _Entry) -> ModelHandle:
+        spec = entry.spec
+        entry.state, entry.error = ModelState.LOADING, None
+        self._publish_state(entry.name)
+        started = self._clock()
+        try:
+            device = resolve_device(spec.device or self._settings.device)
+            dtype = resolve_dtype(device, spec.precision, self._settings.cuda_precision)
+            logger.info("loading model '%s' (%s) on %s", entry.name, spec.model_name, device)
+            backend = await asyncio.to_thread(self._loader, spec, device=device, dtype=dtype)
+        except Exception as exc:
+            reason = (
+                exc.message if isinstance(exc, ClipServeError) else f"{type(exc).__name__}: {exc}"
+            )
+            if not isinstance(exc, ModelLoadError):
+                logger.exception("unexpected error loading model '%s'", entry.name)
+            else:
+                logger.error("model '%s' failed to load: %s", entry.name, reason)
+            entry.state, entry.error, entry.failed_at = ModelState.ERROR, reason, self._clock()
+            entry.load_task = None
+            self._publish_state(entry.name)
+            raise ModelUnavailableError(
+                entry.name, reason, retry_after_s=self._settings.model_retry_interval_s
+            ) from exc
+        elapsed = self._clock() - started
+        device = backend.info.device
+        handle = ModelHandle(entry.name, spec, backend, self._executors.device(device), device)
+        if self._entries.get(entry.name) is not entry:  # removed by a reload while loading
+            handle.retired = True
+            await self._close_handle(handle)
+            raise ModelUnavailableError(entry.name, "the model was unloaded by a config reload")
+        entry.handle, entry.state, entry.load_task = handle, ModelState.LOADED, None
+        entry.load_time_s, entry.loaded_at = elapsed, time.time()
+        entry.failed_at = None
+        self._metrics.model_load_time_seconds.labels(model=entry.name).set(elapsed)
+        self._publish_state(entry.name)
+        logger.info("model '%s' loaded in %.2f s", entry.name, elapsed)
+        return handle
+
+    async def preload(self, names: list[str] | None = None) -> None:
+        """Load models one after another (bounded memory peaks); failures are recorded."""
+        for name in names if names is not None else self.names():
+            with contextlib.suppress(ModelUnavailableError):
+                await self.get(name)
+
+    async def _retire(self, entry: _Entry) -> None:
+        handle, entry.handle = entry.handle, None
+        entry.state = ModelState.NOT_LOADED
+        entry.load_task = None
+        if handle is not None:
+            handle.retired = True
+            if handle.leases == 0:
+                await self._close_handle(handle)
+
+    async def _close_handle(self, handle: ModelHandle) -> None:
+        if handle.closed:
+            return
+        handle.closed = True
+        logger.info("unloading model '%s'", handle.name)
+        # On the device thread: queued forward passes of this model finish first.
+        await asyncio.get_running_loop().run_in_executor(handle.executor, handle.backend.close)
+
+    # --- hot reload ----------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int] | None:
+        path = self._settings.config_path
+        if path is None:
+            return None
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    async def check_for_changes(self) -> ReloadResult | None:
+        """Reload if the config file changed since the last (re)load; None when unchanged."""
+        if self._stamp() == self._config_stamp:
+            return None
+        try:
+            return await self.reload()
+        except ConfigError:
+            return None  # recorded in last_reload_error; the previous config stays in force
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config sources and apply the difference.
+
+        Raises ConfigError, keeping the previous config in force."""
+        async with self._reload_lock:
+            stamp = self._stamp()
+            try:
+                specs = await asyncio.to_thread(load_model_specs, self._settings)
+            except ConfigError as exc:
+                self._config_stamp = stamp  # do not retry the same broken file every tick
+                self.last_reload_error = exc.message
+                logger.error("config reload failed, keeping the previous config: %s", exc.message)
+                raise
+            self._config_stamp = stamp
+            result = await self._apply(specs)
+            self.last_reload_at, self.last_reload_error = time.time(), None
+            logger.info(
+                "config reloaded: added=%s removed=%s changed=%s updated=%s",
+                result.added,
+                result.removed,
+                result.changed,
+                result.updated,
+            )
+            return result
+
+    async def _apply(self, specs: dict[str, ModelSpec]) -> ReloadResult:
+        result = ReloadResult()
+        for name in list(self._entries):
+            if name not in specs:
+                await self._retire(self._entries.pop(name))
+                self._metrics.forget_model(name)
+                result.removed.append(name)
+        for name, spec in specs.items():
+            entry = self._entries.get(name)
+            if entry is None:
+                self._entries[name] = _Entry(name, spec)
+                result.added.append(name)
+            elif spec == entry.spec:
+                continue
+            elif not spec.enabled or any(
+                getattr(spec, f) != getattr(entry.spec, f) for f in _LOAD_FIELDS
+            ):
+                await self._retire(entry)
+                self._entries[name] = _Entry(name, spec)
+                result.changed.append(name)
+            else:
+                entry.spec = spec
+                if entry.handle is not None:
+                    entry.handle.spec = spec
+                result.updated.append(name)
+            self._publish_state(name)
+        return result
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the config file every ``interval_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.check_for_changes()
+            except Exception:  # the watcher must never die
+                logger.exception("config watcher error")
+
+    async def close(self) -> None:
+        for entry in list(self._entries.values()):
+            if entry.load_task is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await entry.load_task
+            await self._retire(entry)
+
+    def _publish_state(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is not None:
+            self._metrics.set_model_state(name, entry.state.value)

@@ -1,0 +1,138 @@
+"""The one exception hierarchy of clipserve.
+
+These errors say *what* went wrong in domain terms; they know nothing about HTTP. The single place
+that
+turns them into status codes and response bodies is :mod:`clipserve.api.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClipServeError(Exception):
+    """Base class of every error clipserve raises on purpose.
+
+    ``message`` is safe to show to a client; ``detail`` is optional structured context (also
+    client-safe).
+    """
+
+    def __init__(self, message: str, *, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- input
+# -----------------------------------------------------------------------------------------
+
+
+class InvalidInputError(ClipServeError):
+    """The request is well-formed but asks for something impossible (oversized batch...)."""
+
+
+class UnsupportedModalityError(InvalidInputError):
+    """The model cannot embed this kind of input (e.g. images sent to a text-only model)."""
+
+
+# --- models
+# ----------------------------------------------------------------------------------------
+
+
+class ModelNotFoundError(ClipServeError):
+    """No enabled model has this config name."""
+
+    def __init__(self, name: str, known: list[str], *, disabled: bool = False) -> None:
+        what = "is disabled" if disabled else "is unknown"
+        super().__init__(
+            f"model config '{name}' {what}; available models: {', '.join(known) or '(none)'}",
+            detail={"model": name, "available_models": known, "disabled": disabled},
+        )
+        self.name = name
+        self.known = known
+
+
+class ModelUnavailableError(ClipServeError):
+    """The model is registered but cannot serve: loading failed (no weights, no network...)."""
+
+    def __init__(self, name: str, reason: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(
+            f"model '{name}' is unavailable: {reason}",
+            detail={"model": name, "reason": reason},
+        )
+        self.name = name
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class ModelLoadError(ClipServeError):
+    """Raised by a backend loader when weights or config cannot be loaded."""
+
+
+class ConfigError(ClipServeError):
+    """The model registry configuration (file or environment) is invalid."""
+
+
+# --- media
+# -----------------------------------------------------------------------------------------
+
+
+class MediaError(InvalidInputError):
+    """Base class of every problem with an image input."""
+
+
+class InvalidImageError(MediaError):
+    """The bytes are not a decodable image ("image could not be decoded: ...")."""
+
+
+class UnsupportedMediaTypeError(MediaError):
+    """The input declares or contains a media type we do not accept (e.g. ``data:text/plain``)."""
+
+
+class MediaTooLargeError(MediaError):
+    """The image exceeds a byte or pixel limit."""
+
+
+class MediaAccessDeniedError(MediaError):
+    """The input points where we refuse to read: a path outside the media root, a private URL..."""
+
+
+class MediaFetchError(MediaError):
+    """The image URL could not be fetched because of the origin's answer (4xx) or a bad URL."""
+
+    def __init__(
+        self, message: str, *, detail: Any = None, upstream_status: int | None = None
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.upstream_status = upstream_status
+
+
+class MediaUpstreamError(MediaFetchError):
+    """The image origin failed (network error, timeout, 5xx) even after retries."""
+
+
+# --- engine
+# ----------------------------------------------------------------------------------------
+
+
+class QueueFullError(ClipServeError):
+    """The service is overloaded and refuses new work."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotReadyError(ClipServeError):
+    """The engine is starting up or shutting down."""
+
+
+class InferenceTimeoutError(ClipServeError):
+    """The request's deadline passed before its result was ready."""
+
+
+class InferenceError(ClipServeError):
+    """The model failed while computing a batch (a real server-side failure)."""

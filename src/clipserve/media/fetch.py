@@ -1,0 +1,386 @@
+"""Fetching image URLs: one pooled client, retries with backoff, byte caps and an SSRF guard.
+
+Every hop of a redirect chain is parsed and scheme-checked, and (unless ``allow_private_urls``) its
+host is resolved by us and refused if any address is not public. Connecting to exactly the checked
+address (DNS-rebinding protection) is not done yet: ``_check_host`` returns the addresses, so a
+pinning transport can be added there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Final, Self, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from clipserve.config import MediaSettings
+from clipserve.errors import (
+    MediaAccessDeniedError,
+    MediaFetchError,
+    MediaTooLargeError,
+    MediaUpstreamError,
+    UnsupportedMediaTypeError,
+)
+from clipserve.media.source import describe
+
+Resolver: TypeAlias = Callable[[str, int], Awaitable[list[str]]]
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S: Final = 5.0  # a longer Retry-After ends the retries at once
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_ACCEPT: Final = "image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8,*/*;q=0.5"
+_NOT_IMAGE_TYPES: Final = frozenset(
+    {
+        "application/json",
+        "application/xml",
+        "application/xhtml+xml",
+        "application/javascript",
+        "application/x-javascript",
+        "application/pdf",
+        "image/svg+xml",
+    }
+)
+_INET_ATON_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Resolve ``host`` with the event loop's ``getaddrinfo`` (all families)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` denotes if it is an IP literal in any form ``inet_aton`` accepts
+    (``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``127.1``, ``[::1]``), else None."""
+    host = unquote(host).strip("[]").removesuffix(".")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_INET_ATON_PART.fullmatch(p) for p in parts):
+        return None
+    numbers = [
+        int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8 if p[:1] == "0" else 10)
+        for p in parts
+    ]
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        return None
+    value = 0
+    for n in head:
+        value = value * 256 + n
+    return ipaddress.IPv4Address(value * 256 ** (4 - len(head)) + last)
+
+
+def blocked_reason(ip: IPAddress) -> str | None:
+    """Why ``ip`` must not be fetched from ("a loopback", ...), or None when it is public."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    checks = (
+        ("a loopback", ip.is_loopback),
+        ("an unspecified", ip.is_unspecified),
+        ("a link-local", ip.is_link_local),
+        ("a multicast", ip.is_multicast),
+        ("a reserved", ip.is_reserved),
+        ("a private", ip.is_private),
+        ("a non-public", not ip.is_global),
+    )
+    return next((reason for reason, hit in checks if hit), None)
+
+
+class _RetryableError(Exception):
+    """One attempt failed in a way worth retrying (network error, timeout, 5xx, 429)."""
+
+    def __init__(
+        self, reason: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+class UrlFetcher:
+    """Downloads image URLs through one shared ``httpx.AsyncClient`` (close with :meth:`aclose`)."""
+
+    def __init__(
+        self,
+        settings: MediaSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._resolver: Resolver = resolver or system_resolver
+        self._semaphore = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            headers={
+                "User-Agent": settings.user_agent,
+                "Accept": _ACCEPT,
+                "Accept-Encoding": "identity",  # images are compressed already; no gzip bombs
+            },
+            timeout=httpx.Timeout(settings.fetch_timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=settings.max_concurrent_fetches,
+                max_keepalive_connections=min(20, settings.max_concurrent_fetches),
+            ),
+            follow_redirects=False,
+            trust_env=False,  # no proxies or .netrc credentials from the environment
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> bytes:
+        """The body of ``url`` (at most ``max_image_bytes``), following redirects and retrying."""
+        target = self._parse(url)
+        async with self._semaphore:
+            return await self._fetch_with_retries(target)
+
+    async def _fetch_with_retries(self, url: httpx.URL) -> bytes:
+        settings = self._settings
+        attempts = settings.fetch_retries + 1
+        made = 0
+        failure = _RetryableError("no attempt made")
+        while made < attempts:
+            made += 1
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(settings.fetch_timeout_s):
+                    return await self._follow(url)
+            except _RetryableError as exc:
+                failure = exc
+            except (TimeoutError, httpx.TimeoutException) as exc:
+                elapsed = time.perf_counter() - started
+                kind = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "deadline"
+                failure = _RetryableError(
+                    f"timed out after {elapsed:.1f} s ({kind}, limit "
+                    f"{settings.fetch_timeout_s:g} s) fetching {describe(str(url))}"
+                )
+            except httpx.TransportError as exc:
+                failure = _RetryableError(
+                    f"network error ({_exception_text(exc)}) fetching {describe(str(url))}"
+                )
+            if made >= attempts:
+                break
+            delay = settings.retry_backoff_s * 2 ** (made - 1)
+            if failure.retry_after is not None:
+                if failure.retry_after > MAX_RETRY_AFTER_S:
+                    failure.reason += f" with Retry-After {failure.retry_after:g} s"
+                    break
+                delay = max(delay, failure.retry_after)
+            logger.warning(
+                "image fetch attempt %d/%d failed: %s; retrying in %.2f s",
+                made,
+                attempts,
+                failure.reason,
+                delay,
+            )
+            await self._sleep(delay)
+        plural = "attempt" if made == 1 else "attempts"
+        raise MediaUpstreamError(
+            f"image could not be fetched: {failure.reason} (gave up after {made} {plural})",
+            upstream_status=failure.status,
+        )
+
+    async def _follow(self, url: httpx.URL) -> bytes:
+        current = url
+        for _ in range(self._settings.max_redirects + 1):
+            if not self._settings.allow_private_urls:
+                await self._check_host(current)
+            async with self._client.stream("GET", current) as response:
+                location = response.headers.get("location")
+                if response.status_code in _REDIRECT_STATUSES and location:
+                    current = self._parse(location, base=current)
+                    continue
+                return await self._read(response, current)
+        raise MediaFetchError(
+            f"image could not be fetched: too many redirects (more than "
+            f"{self._settings.max_redirects}) starting at {describe(str(url))}",
+            detail={"max_redirects": self._settings.max_redirects},
+        )
+
+    async def _read(self, response: httpx.Response, url: httpx.URL) -> bytes:
+        shown = describe(str(url))
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise _RetryableError(
+                f"HTTP {status} from {shown}", status=status, retry_after=_retry_after(response)
+            )
+        if not 200 <= status < 300:
+            raise MediaFetchError(
+                f"image could not be fetched: HTTP {status} from {shown}", upstream_status=status
+            )
+        mime = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if _is_clearly_not_image(mime):
+            raise UnsupportedMediaTypeError(
+                f"image URL returned content type '{mime[:80]}', not an image: {shown}",
+                detail={"content_type": mime[:80]},
+            )
+        limit = self._settings.max_image_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MediaTooLargeError(
+                f"image is too large: {shown} declares {int(declared)} bytes, over the limit of "
+                f"{limit} bytes",
+                detail={"num_bytes": int(declared), "max_image_bytes": limit},
+            )
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise MediaTooLargeError(
+                        f"image is too large: {shown} sent more than {limit} bytes",
+                        detail={"max_image_bytes": limit},
+                    )
+        except httpx.DecodingError as exc:
+            raise MediaFetchError(
+                f"image could not be fetched: the response from {shown} could not be decoded "
+                f"({exc})"
+            ) from exc
+        return bytes(body)
+
+    def _parse(self, url: str, *, base: httpx.URL | None = None) -> httpx.URL:
+        """Parse (or resolve against ``base``) and check scheme, host and port."""
+        try:
+            parsed = base.join(url) if base is not None else httpx.URL(url.strip())
+        except httpx.InvalidURL as exc:
+            self._refuse_literal_host(url)  # e.g. `0177.0.0.1`, which httpx rejects outright
+            raise MediaFetchError(f"invalid image URL {describe(url)}: {exc}") from exc
+        shown = describe(str(parsed) if base is not None else url)
+        if parsed.scheme not in ("http", "https"):
+            where = f" in a redirect from {describe(str(base))}" if base is not None else ""
+            raise UnsupportedMediaTypeError(
+                f"unsupported image URL scheme '{parsed.scheme[:20]}'{where}: only http and https "
+                "URLs are fetched"
+            )
+        if not parsed.host:
+            raise MediaFetchError(f"invalid image URL {shown}: it has no host")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise MediaFetchError(f"invalid image URL {shown}: port {parsed.port} is out of range")
+        return parsed
+
+    def _refuse_literal_host(self, url: str) -> None:
+        if self._settings.allow_private_urls:
+            return
+        try:
+            host = urlsplit(url.strip()).hostname or ""
+        except ValueError:
+            return
+        ip = parse_ip_literal(host)
+        reason = blocked_reason(ip) if ip is not None else None
+        if ip is not None and reason is not None:
+            raise _denied(host, ip, reason, literal=True)
+
+    async def _check_host(self, url: httpx.URL) -> list[IPAddress]:
+        """Resolve ``url``'s host and refuse it unless every address is public."""
+        host = url.raw_host.decode("ascii")
+        literal = parse_ip_literal(host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            addresses = await self._resolve(host, port)
+        for ip in addresses:
+            reason = blocked_reason(ip)
+            if reason is not None:
+                raise _denied(host, ip, reason, literal=literal is not None)
+        return addresses
+
+    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            raw = await self._resolver(host, port)
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                raise _RetryableError(f"DNS lookup of '{host[:100]}' failed ({exc})") from exc
+            raise MediaFetchError(
+                f"image could not be fetched: host '{host[:100]}' could not be resolved "
+                f"({exc.strerror or exc})"
+            ) from exc
+        except OSError as exc:
+            raise _RetryableError(f"DNS lookup of '{host[:100]}' failed ({exc})") from exc
+        if not raw:
+            raise MediaFetchError(
+                f"image could not be fetched: host '{host[:100]}' resolved to no address"
+            )
+        addresses: list[IPAddress] = []
+        for text in raw:
+            try:
+                addresses.append(ipaddress.ip_address(text))
+            except ValueError as exc:
+                raise MediaAccessDeniedError(
+                    f"image URL refused: host '{host[:100]}' resolved to an invalid address "
+                    f"'{text[:60]}'"
+                ) from exc
+        return addresses
+
+
+def _denied(host: str, ip: IPAddress, reason: str, *, literal: bool) -> MediaAccessDeniedError:
+    verb = "is" if literal else "resolves to"
+    return MediaAccessDeniedError(
+        f"image URL refused: host '{host[:100]}' {verb} {ip}, {reason} address; "
+        "set media.allow_private_urls to allow it",
+        detail={"host": host[:100], "address": str(ip)},
+    )
+
+
+def _is_clearly_not_image(mime: str) -> bool:
+    return (
+        mime.startswith(("text/", "audio/", "video/"))
+        or mime in _NOT_IMAGE_TYPES
+        or mime.endswith(("+json", "+xml"))
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _exception_text(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

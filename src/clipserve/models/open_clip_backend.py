@@ -1,0 +1,242 @@
+"""open_clip models (CLIP and SigLIP-style) behind the ``Backend`` protocol.
+
+Images go through open_clip's own eval transform and texts through ``open_clip.get_tokenizer``,
+so the embeddings equal what open_clip itself computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.nn.functional import normalize
+
+from clipserve.errors import ModelLoadError
+from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
+from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
+
+logger = logging.getLogger(__name__)
+
+_HF_HUB_PREFIX = "hf-hub:"
+_LOCAL_DIR_PREFIX = "local-dir:"
+_CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"})
+_MODALITIES: frozenset[Modality] = frozenset({"text", "image"})
+_PRECISION: Mapping[torch.dtype, str] = MappingProxyType(
+    {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+)
+
+
+def resolve_open_clip_source(model_name: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Normalise ``(model_name, pretrained)`` into what ``open_clip.create_model`` expects.
+
+    * ``pretrained='hf-hub:org/repo'`` becomes ``model_name='hf-hub:org/repo'`` (config and weights
+      both come from that repository);
+    * ``pretrained`` naming a directory becomes ``model_name='local-dir:<dir>'``;
+    * a checkpoint path must exist (``ModelLoadError`` naming it otherwise);
+    * ``local-dir:`` folders must exist and hold ``open_clip_config.json``.
+    """
+    if pretrained is not None and pretrained.startswith(_HF_HUB_PREFIX):
+        return pretrained, None
+    if pretrained is not None and Path(pretrained).expanduser().is_dir():
+        return f"{_LOCAL_DIR_PREFIX}{Path(pretrained).expanduser()}", None
+    if pretrained is not None and _looks_like_path(pretrained):
+        checkpoint = Path(pretrained).expanduser()
+        if not checkpoint.is_file():
+            raise ModelLoadError(
+                f"open_clip checkpoint file not found: {checkpoint} (pretrained of model "
+                f"'{model_name}'); check the path, or use a pretrained tag from "
+                "open_clip.list_pretrained()"
+            )
+        return model_name, str(checkpoint)
+    if model_name.startswith(_LOCAL_DIR_PREFIX):
+        folder = Path(model_name[len(_LOCAL_DIR_PREFIX) :]).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"open_clip model directory not found: {folder}")
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"open_clip model directory {folder} has no open_clip_config.json "
+                "(expected {'model_cfg': ..., 'preprocess_cfg': ...} and a weights file)"
+            )
+        if pretrained is not None:
+            logger.warning(
+                "pretrained=%r is ignored: %s carries its own weights", pretrained, folder
+            )
+        return f"{_LOCAL_DIR_PREFIX}{folder}", None
+    if model_name.startswith(_HF_HUB_PREFIX):
+        if pretrained is not None:
+            logger.warning("pretrained=%r is ignored for %s", pretrained, model_name)
+        return model_name, None
+    return model_name, pretrained
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        Path(value).suffix.lower() in _CHECKPOINT_SUFFIXES
+        or value.startswith(("/", "./", "../", "~"))
+        or "\\" in value
+    )
+
+
+def _token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """How many tokens (special tokens included) ``tokenizer`` makes of a text before truncation."""
+    from open_clip.tokenizer import HFTokenizer, SigLipTokenizer, SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer):
+        return lambda text: len(tokenizer.encode(text)) + 2  # <start> ... <end>
+    if isinstance(tokenizer, HFTokenizer):
+        hf = tokenizer.tokenizer
+        if tokenizer.tokenizer_mode == "clips":  # bos + text + eos + trailing cls
+            return lambda text: (
+                len(hf(tokenizer.clean_fn(text), add_special_tokens=False)["input_ids"]) + 3
+            )
+        return lambda text: len(hf(tokenizer.clean_fn(text), verbose=False)["input_ids"])
+    if isinstance(tokenizer, SigLipTokenizer):
+        from open_clip.tokenizer import basic_clean, canonicalize_text
+
+        hf = tokenizer.tokenizer
+        return lambda text: len(
+            hf(canonicalize_text(basic_clean(text)), verbose=False)["input_ids"]
+        )
+
+    def fallback(text: str) -> int:  # unknown tokenizer: count what survives a generous context
+        ids = tokenizer([text], context_length=4096)[0]
+        return int((ids != 0).sum())
+
+    return fallback
+
+
+class OpenClipBackend:
+    """An open_clip model on one device. Build it with :meth:`load`."""
+
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Any,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        name: str,
+    ) -> None:
+        self._model: Any = model.eval()
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self._count_tokens = _token_counter(tokenizer)
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._context_length = int(getattr(tokenizer, "context_length", None) or 77)
+        bias = getattr(model, "logit_bias", None)
+        self._logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+        self._logit_bias = None if bias is None else float(bias.detach().float().reshape(-1)[0])
+        image_size = getattr(model.visual, "image_size", None)
+        if isinstance(image_size, tuple | list):
+            image_size = image_size[0]
+        params, memory = module_footprint(model)
+        self._info = BackendInfo(
+            backend="open_clip",
+            architecture="siglip" if self._logit_bias is not None else "clip",
+            embed_dim=self._probe_embed_dim(),
+            context_length=self._context_length,
+            modalities=_MODALITIES,
+            device=str(self._device),
+            dtype=dtype_name(dtype),
+            image_size=None if image_size is None else int(image_size),
+            parameter_count=params,
+            memory_bytes=memory,
+            extra={"model_name": name, "tokenizer": type(tokenizer).__name__},
+        )
+
+    def _probe_embed_dim(self) -> int:
+        dim = getattr(self._model.visual, "output_dim", None)
+        if isinstance(dim, int) and dim > 0:
+            return dim
+        with torch.inference_mode():  # timm / HF towers: ask the model
+            ids = self._tokenizer(["a"], context_length=self._context_length).to(self._device)
+            return int(self._live_model().encode_text(ids).shape[-1])
+
+    @classmethod
+    def load(
+        cls, model_name: str, pretrained: str | None, *, device: str, dtype: torch.dtype
+    ) -> OpenClipBackend:
+        """Create the model (config, weights, transforms, tokenizer) on ``device`` in ``dtype``.
+
+        ``model_name``: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo`` or
+        ``local-dir:/path``. ``pretrained``: an open_clip tag, a checkpoint file,
+        ``hf-hub:org/repo``, a directory, or None for random weights. Library errors propagate
+        unchanged (the loader turns them into :class:`ModelLoadError`); bad local paths raise
+        ``ModelLoadError`` here.
+        """
+        import open_clip
+
+        name, weights = resolve_open_clip_source(model_name, pretrained)
+        precision = _PRECISION.get(dtype)
+        if precision is None:
+            raise ModelLoadError(f"unsupported dtype {dtype} (use float32, float16 or bfloat16)")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=weights, precision=precision, device=device
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+        if weights is None and not name.startswith((_HF_HUB_PREFIX, _LOCAL_DIR_PREFIX)):
+            logger.warning(
+                "open_clip model %s has no pretrained weights: randomly initialised "
+                "(embeddings are meaningless; use only for tests and benchmarks)",
+                name,
+            )
+        return cls(model, preprocess, tokenizer, device=device, dtype=dtype, name=name)
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def logit_scale(self) -> float:
+        return self._logit_scale
+
+    @property
+    def logit_bias(self) -> float | None:
+        return self._logit_bias
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        pixels = self._preprocess(image.convert("RGB") if image.mode != "RGB" else image)
+        return pixels.float()
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+        texts = list(texts)
+        if not texts:
+            empty = torch.zeros((0, self._context_length), dtype=torch.long)
+            return TokenizedTexts(inputs={"input_ids": empty}, token_counts=(), truncated=())
+        with self._tokenizer_lock:  # HF-based tokenizers keep truncation state per call
+            ids = self._tokenizer(texts, context_length=self._context_length)
+            counts = tuple(self._count_tokens(text) for text in texts)
+        truncated = tuple(count > self._context_length for count in counts)
+        return TokenizedTexts(inputs={"input_ids": ids}, token_counts=counts, truncated=truncated)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] == 0:
+            return torch.zeros((0, self._info.embed_dim))
+        with torch.inference_mode():
+            features = self._live_model().encode_image(pixels.to(self._device, self._dtype))
+            return normalize(features.float(), dim=-1).cpu()
+
+    def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
+        if len(tokens) == 0:
+            return torch.zeros((0, self._info.embed_dim))
+        with torch.inference_mode():
+            features = self._live_model().encode_text(tokens.inputs["input_ids"].to(self._device))
+            return normalize(features.float(), dim=-1).cpu()
+
+    def _live_model(self) -> Any:
+        if self._model is None:
+            raise RuntimeError(f"backend for {self._info.extra['model_name']} was closed")
+        return self._model
+
+    def close(self) -> None:
+        self._model = None
+        release_device_memory(self._device)

@@ -1,0 +1,155 @@
+"""A deterministic fake backend for engine and API tests (no torch model, no weights).
+
+Text embeddings are seeded by the text; image embeddings are a fixed random projection of a small
+thumbnail, so equal images give equal vectors and different photos give different ones. It records
+every forward pass so tests can assert batching and deduplication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipserve.config import ModelSpec
+from clipserve.models.base import Backend, BackendInfo, Modality, TokenizedTexts
+
+_THUMB = 8
+
+
+def _seed(text: str) -> int:
+    return int(hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:8], 16)
+
+
+@dataclass
+class FakeBackend:
+    """Implements :class:`clipserve.models.base.Backend`.
+
+    ``fail_texts``: texts whose encoding raises RuntimeError (a model failure).
+    ``before_forward``: called on the device thread before each forward pass (e.g. to block on an
+    event, letting a test hold a batch in flight without sleeping).
+    """
+
+    embed_dim: int = 16
+    context_length: int = 8
+    modalities: frozenset[Modality] = frozenset({"text", "image"})
+    device: str = "cpu"
+    fail_texts: frozenset[str] = frozenset()
+    before_forward: Callable[[str, int], None] | None = None
+    seed: int = 0
+    logit_bias_value: float | None = None
+    forward_calls: list[tuple[str, int]] = field(default_factory=list)
+    closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        self._projection = torch.from_numpy(
+            rng.standard_normal((3 * _THUMB * _THUMB, self.embed_dim)).astype(np.float32)
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            backend="fake",
+            architecture="siglip" if self.logit_bias_value is not None else "clip",
+            embed_dim=self.embed_dim,
+            context_length=self.context_length,
+            modalities=self.modalities,
+            device=self.device,
+            dtype="float32",
+            image_size=_THUMB if "image" in self.modalities else None,
+            parameter_count=int(self._projection.numel()),
+            memory_bytes=int(self._projection.numel() * 4),
+        )
+
+    @property
+    def logit_scale(self) -> float:
+        return 100.0
+
+    @property
+    def logit_bias(self) -> float | None:
+        return self.logit_bias_value
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        thumb = image.convert("RGB").resize((_THUMB, _THUMB), Image.Resampling.BILINEAR)
+        array = np.asarray(thumb, dtype=np.float32) / 255.0 - 0.5
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+        counts = tuple(len(t.split()) + 2 for t in texts)
+        seeds = torch.tensor([_seed(t) for t in texts], dtype=torch.int64)
+        return TokenizedTexts(
+            inputs={"seeds": seeds},
+            token_counts=counts,
+            truncated=tuple(c > self.context_length for c in counts),
+        )
+
+    def _record(self, modality: str, n: int) -> None:
+        if self.before_forward is not None:
+            self.before_forward(modality, n)
+        with self._lock:
+            self.forward_calls.append((modality, n))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._record("image", len(pixels))
+        vectors = pixels.reshape(len(pixels), -1).float() @ self._projection
+        return torch.nn.functional.normalize(vectors, dim=-1)
+
+    def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
+        seeds = tokens.inputs["seeds"].tolist()
+        if {_seed(t) for t in self.fail_texts}.intersection(seeds):
+            raise RuntimeError("simulated model failure")
+        self._record("text", len(tokens))
+        rows = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(int(seed))
+            rows.append(torch.randn(self.embed_dim, generator=generator))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def forwards(self, modality: str) -> list[int]:
+        """Sizes of the forward passes run so far for one modality."""
+        with self._lock:
+            return [n for m, n in self.forward_calls if m == modality]
+
+
+class FakeLoader:
+    """A backend loader for tests: specs whose ``model_name`` starts with ``fake`` get a
+    :class:`FakeBackend` (``fake-text`` is text-only, ``fake-broken`` fails to load); other specs go
+    to
+    ``fallback`` (e.g. the real :func:`clipserve.models.loader.load_backend`), or fail."""
+
+    def __init__(
+        self,
+        fallback: Callable[..., Backend] | None = None,
+        **backend_options: object,
+    ) -> None:
+        self.fallback = fallback
+        self.backend_options = backend_options
+        self.loaded: dict[str, FakeBackend] = {}
+        self.load_count = 0
+
+    def __call__(self, spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend:
+        from clipserve.errors import ModelLoadError
+
+        if not spec.model_name.startswith("fake"):
+            if self.fallback is None:
+                raise ModelLoadError(f"no weights for '{spec.model_name}' in this test")
+            return self.fallback(spec, device=device, dtype=dtype)
+        self.load_count += 1
+        if spec.model_name == "fake-broken":
+            raise ModelLoadError("simulated load failure: weights not found")
+        modalities: frozenset[Modality] = (
+            frozenset({"text"}) if spec.model_name == "fake-text" else frozenset({"text", "image"})
+        )
+        backend = FakeBackend(modalities=modalities, **self.backend_options)  # type: ignore[arg-type]
+        self.loaded[spec.model_name] = backend
+        return backend

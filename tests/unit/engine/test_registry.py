@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clipserve.config import Settings
+from clipserve.engine.executor import Executors
+from clipserve.engine.registry import ModelRegistry, ModelState
+from clipserve.errors import ConfigError, ModelNotFoundError, ModelUnavailableError
+from clipserve.observability.metrics import Metrics
+from clipserve.testing import FakeLoader
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def registry_for(clock: Clock) -> AsyncIterator[Callable[..., ModelRegistry]]:
+    made: list[tuple[ModelRegistry, Executors]] = []
+
+    def make(settings: Settings, loader: FakeLoader | None = None) -> ModelRegistry:
+        executors = Executors(2)
+        registry = ModelRegistry(
+            settings,
+            loader=loader or FakeLoader(),
+            executors=executors,
+            metrics=Metrics(),
+            clock=clock,
+        )
+        made.append((registry, executors))
+        return registry
+
+    yield make
+    for registry, executors in made:
+        await registry.close()
+        executors.shutdown()
+
+
+def _touch(path: Path, models: dict[str, Any]) -> None:
+    """Rewrite the config with a distinct mtime (file systems may have coarse timestamps)."""
+    stat = path.stat()
+    path.write_text(json.dumps(models))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+async def test_concurrent_first_requests_load_once(
+    make_settings: Callable[..., Settings], registry_for: Callable[..., ModelRegistry]
+) -> None:
+    loader = FakeLoader()
+    registry = registry_for(make_settings(), loader)
+    handles = await asyncio.gather(*(registry.get("fast") for _ in range(10)))
+    assert loader.load_count == 1
+    assert len({id(h) for h in handles}) == 1
+    status = registry.status("fast")
+    assert status.state is ModelState.LOADED
+    assert status.device == "cpu"
+    assert status.dtype == "float32"
+    assert status.load_time_s is not None
+
+
+async def test_unknown_and_disabled_models_are_not_found(
+    make_settings: Callable[..., Settings], registry_for: Callable[..., ModelRegistry]
+) -> None:
+    registry = registry_for(make_settings())
+    with pytest.raises(ModelNotFoundError, match="'nope' is unknown; available models: fast"):
+        await registry.get("nope")
+    with pytest.raises(ModelNotFoundError, match="'hidden' is disabled"):
+        await registry.get("hidden")
+    assert "hidden" not in registry.names()
+    assert "hidden" in registry.names(include_disabled=True)
+
+
+async def test_load_failure_is_recorded_and_retried_after_the_interval(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    clock: Clock,
+) -> None:
+    loader = FakeLoader()
+    registry = registry_for(make_settings(model_retry_interval_s=30), loader)
+    with pytest.raises(ModelUnavailableError, match="simulated load failure") as first:
+        await registry.get("broken")
+    assert first.value.retry_after_s == 30
+    status = registry.status("broken")
+    assert status.state is ModelState.ERROR
+    assert status.error is not None
+    assert "weights not found" in status.error
+
+    clock.now += 10  # inside the interval: fail fast without another attempt
+    with pytest.raises(ModelUnavailableError) as second:
+        await registry.get("broken")
+    assert second.value.retry_after_s == pytest.approx(20)
+    assert loader.load_count == 1
+
+    clock.now += 25  # past it: try again
+    with pytest.raises(ModelUnavailableError):
+        await registry.get("broken")
+    assert loader.load_count == 2
+
+
+async def test_reload_adds_removes_changes_and_updates(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    settings = make_settings()
+    registry = registry_for(settings)
+    fast = await registry.get("fast")
+    accurate = await registry.get("accurate")
+    assert settings.config_path is not None
+    models = {k: v for k, v in fake_models.items() if k != "broken"}
+    models["fast"] = {**models["fast"], "description": "new words"}  # metadata only
+    models["accurate"] = {**models["accurate"], "model_name": "fake-accurate-v2"}  # weights
+    models["new"] = {"model_name": "fake-new"}
+    _touch(settings.config_path, models)
+
+    result = await registry.check_for_changes()
+    assert result is not None
+    assert result.added == ["new"]
+    assert result.removed == ["broken"]
+    assert result.changed == ["accurate"]
+    assert result.updated == ["fast"]
+    assert await registry.get("fast") is fast  # kept loaded
+    assert registry.spec("fast").description == "new words"
+    assert accurate.backend.closed  # type: ignore[attr-defined]
+    assert registry.status("accurate").state is ModelState.NOT_LOADED
+    assert (await registry.get("accurate")).spec.model_name == "fake-accurate-v2"
+    with pytest.raises(ModelNotFoundError):
+        await registry.get("broken")
+    assert await registry.check_for_changes() is None  # unchanged file: nothing to do
+
+
+async def test_disabling_a_model_unloads_it_after_in_flight_requests(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    settings = make_settings()
+    registry = registry_for(settings)
+    assert settings.config_path is not None
+    async with registry.use("fast") as handle:
+        fake_models["fast"]["enabled"] = False
+        _touch(settings.config_path, fake_models)
+        result = await registry.reload()
+        assert result.changed == ["fast"]
+        assert handle.retired
+        assert not handle.backend.closed  # type: ignore[attr-defined]  # still serving
+        with pytest.raises(ModelNotFoundError, match="disabled"):
+            await registry.get("fast")
+    assert handle.backend.closed  # type: ignore[attr-defined]  # released after the lease
+
+
+async def test_broken_reload_keeps_the_previous_config(
+    make_settings: Callable[..., Settings], registry_for: Callable[..., ModelRegistry]
+) -> None:
+    settings = make_settings()
+    registry = registry_for(settings)
+    assert settings.config_path is not None
+    settings.config_path.write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        await registry.reload()
+    assert registry.last_reload_error is not None
+    assert "fast" in registry.names()
+    assert (await registry.get("fast")).name == "fast"
+    assert await registry.check_for_changes() is None  # the same broken file isn't retried
+
+
+async def test_preload_loads_enabled_models_and_records_failures(
+    make_settings: Callable[..., Settings], registry_for: Callable[..., ModelRegistry]
+) -> None:
+    registry = registry_for(make_settings())
+    await registry.preload()
+    states = {s.name: s.state for s in registry.statuses()}
+    assert states["fast"] is ModelState.LOADED
+    assert states["broken"] is ModelState.ERROR
+    assert "hidden" not in states

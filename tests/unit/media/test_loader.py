@@ -1,0 +1,203 @@
+"""ImageLoader: every input kind, timings, executor use and ownership."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from clipserve.config import MediaSettings
+from clipserve.errors import (
+    InvalidImageError,
+    MediaAccessDeniedError,
+    MediaTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from clipserve.media import ImageLoader, LoadedImage, SourceKind, UrlFetcher, decode_image
+
+
+class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Records the function of every job and the thread it ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2, thread_name_prefix="test-decode")
+        self.jobs: list[str] = []
+        self.threads: set[str] = set()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        self.jobs.append(fn.__name__)
+
+        def run() -> Any:
+            self.threads.add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+async def resolve_public(host: str, port: int) -> list[str]:
+    return ["93.184.215.14"]
+
+
+@pytest.fixture
+def jpeg(photo_bytes: Callable[..., bytes]) -> bytes:
+    return photo_bytes("astronaut")
+
+
+@pytest.fixture
+async def fetcher(jpeg: bytes) -> AsyncIterator[UrlFetcher]:
+    async def serve(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "image/jpeg"}, content=jpeg)
+
+    fetcher = UrlFetcher(
+        MediaSettings(), transport=httpx.MockTransport(serve), resolver=resolve_public
+    )
+    yield fetcher
+    await fetcher.aclose()
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[RecordingExecutor]:
+    executor = RecordingExecutor()
+    yield executor
+    executor.shutdown(wait=True)
+
+
+@pytest.fixture
+async def loader(
+    tmp_path: Path, fetcher: UrlFetcher, executor: RecordingExecutor
+) -> AsyncIterator[ImageLoader]:
+    loader = ImageLoader(MediaSettings(media_root=tmp_path), executor=executor, fetcher=fetcher)
+    yield loader
+    await loader.aclose()
+
+
+def assert_loaded_512(loaded: LoadedImage, source: SourceKind, num_bytes: int) -> None:
+    assert loaded.source is source
+    assert (loaded.image.mode, loaded.image.size) == ("RGB", (512, 512))
+    assert loaded.num_bytes == num_bytes
+    assert loaded.fetch_seconds >= 0.0
+    assert loaded.decode_seconds > 0.0
+
+
+async def test_url(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes) -> None:
+    loaded = await loader.load(" https://img.example/astronaut.jpg ")
+    assert_loaded_512(loaded, SourceKind.URL, len(jpeg))
+    assert loaded.fetch_seconds > 0.0
+    assert executor.jobs == ["decode_image"]
+
+
+async def test_data_uri(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes) -> None:
+    loaded = await loader.load("data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
+    assert_loaded_512(loaded, SourceKind.DATA_URI, len(jpeg))
+    assert executor.jobs == ["_parse_data_uri", "decode_image"]  # base64 is decoded off-loop too
+
+
+async def test_path(
+    loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "astronaut.jpg").write_bytes(jpeg)
+    assert_loaded_512(await loader.load("astronaut.jpg"), SourceKind.PATH, len(jpeg))
+    assert_loaded_512(
+        await loader.load(str(tmp_path / "astronaut.jpg")), SourceKind.PATH, len(jpeg)
+    )
+    assert executor.jobs == ["read_local_image", "decode_image"] * 2
+
+
+async def test_bytes(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes) -> None:
+    loaded = await loader.load(jpeg)
+    assert_loaded_512(loaded, SourceKind.BYTES, len(jpeg))
+    assert loaded.fetch_seconds == 0.0
+    assert executor.jobs == ["decode_image"]
+    assert executor.threads
+    assert all(name.startswith("test-decode") for name in executor.threads)
+
+
+async def test_pil(loader: ImageLoader, executor: RecordingExecutor) -> None:
+    original = Image.new("RGBA", (512, 512), (0, 0, 0, 0))
+    loaded = await loader.load(original)
+    assert_loaded_512(loaded, SourceKind.PIL, 0)
+    assert loaded.fetch_seconds == 0.0
+    assert loaded.image.getpixel((0, 0)) == (255, 255, 255)
+    assert original.mode == "RGBA"
+    assert executor.jobs == ["prepare_image"]
+
+
+async def test_same_pixels_whatever_the_source(
+    loader: ImageLoader, jpeg: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    expected = decode_image(jpeg, MediaSettings()).tobytes()
+    inputs: list[str | bytes] = [
+        jpeg,
+        "a.jpg",
+        "https://img.example/a.jpg",
+        "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(),
+    ]
+    for value in inputs:
+        assert (await loader.load(value)).image.tobytes() == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("ftp://img.example/a.png", UnsupportedMediaTypeError, "unsupported image URL scheme"),
+        ("data:text/plain;base64,aGk=", UnsupportedMediaTypeError, "data URI media type"),
+        ("../outside.png", MediaAccessDeniedError, "image path is outside the media root"),
+        (b"not an image", InvalidImageError, "image could not be decoded: "),
+        (b"", InvalidImageError, "image could not be decoded: the data is empty"),
+    ],
+)
+async def test_errors_propagate(
+    loader: ImageLoader, value: str | bytes, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        await loader.load(value)
+    assert str(caught.value).startswith(message)
+
+
+async def test_limits_apply_to_every_kind(jpeg: bytes, tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    settings = MediaSettings(media_root=tmp_path, max_image_bytes=1000)
+    async with ImageLoader(settings) as loader:
+        for value in (jpeg, "a.jpg", "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()):
+            with pytest.raises(MediaTooLargeError):
+                await loader.load(value)
+    async with ImageLoader(MediaSettings(max_image_pixels=1000)) as loader:
+        with pytest.raises(MediaTooLargeError, match=r"262144 pixels exceeds the limit"):
+            await loader.load(Image.new("RGB", (512, 512)))
+
+
+async def test_paths_are_disabled_by_default(jpeg: bytes, tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    async with ImageLoader(MediaSettings()) as loader:
+        with pytest.raises(MediaAccessDeniedError, match=r"^local image paths are disabled"):
+            await loader.load(str(tmp_path / "a.jpg"))
+
+
+async def test_aclose_leaves_borrowed_resources_open(
+    fetcher: UrlFetcher, executor: RecordingExecutor
+) -> None:
+    loader = ImageLoader(MediaSettings(), executor=executor, fetcher=fetcher)
+    await loader.aclose()
+    assert executor.submit(lambda: 42).result(timeout=5) == 42
+    assert len(await fetcher.fetch("http://img.example/a.jpg")) > 0
+
+
+async def test_owned_executor_is_sized_from_settings(jpeg: bytes) -> None:
+    loader = ImageLoader(MediaSettings(decode_workers=3))
+    try:
+        owned = loader._executor
+        assert isinstance(owned, concurrent.futures.ThreadPoolExecutor)
+        assert owned._max_workers == 3
+        assert (await loader.load(jpeg)).image.size == (512, 512)
+    finally:
+        await loader.aclose()
+    with pytest.raises(RuntimeError):
+        owned.submit(lambda: None)

@@ -1,0 +1,226 @@
+"""HfClipBackend on tiny seeded CLIP and SigLIP folders: parity with transformers, torchmetrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipserve.errors import ModelLoadError
+from clipserve.models.base import Backend, clip_scores
+from clipserve.models.hf_backend import HfClipBackend
+
+NAMES = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def _load(folder: Path) -> HfClipBackend:
+    return HfClipBackend.load(str(folder), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dirs: dict[str, Path]) -> HfClipBackend:
+    return _load(tiny_dirs["hf_clip"])
+
+
+@pytest.fixture(scope="module")
+def siglip(tiny_dirs: dict[str, Path]) -> HfClipBackend:
+    return _load(tiny_dirs["hf_siglip"])
+
+
+@pytest.fixture(scope="module")
+def images(photos: dict[str, Image.Image]) -> list[Image.Image]:
+    return [photos[name] for name in NAMES]
+
+
+@pytest.fixture(scope="module")
+def texts(captions: dict[str, str]) -> list[str]:
+    return [captions[name] for name in NAMES]
+
+
+def _raw_scores(backend: Backend, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+    """``100 * cos`` of image i with text i, unclamped."""
+    pixels = torch.stack([backend.preprocess(image) for image in images])
+    image_emb = backend.encode_images(pixels)
+    text_emb = backend.encode_texts(backend.tokenize(texts))
+    return 100 * (image_emb * text_emb).sum(-1)
+
+
+class _TensorFeatures(torch.nn.Module):
+    """torchmetrics 1.9 expects ``get_*_features`` to return tensors, as in transformers 4;
+    transformers 5 returns a ModelOutput whose ``pooler_output`` is that tensor."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
+def _torchmetrics_loader(folder: Path) -> Callable[[], tuple[Any, Any]]:
+    from transformers import CLIPModel, CLIPProcessor
+
+    def load() -> tuple[Any, Any]:
+        model = CLIPModel.from_pretrained(str(folder)).eval()
+        return _TensorFeatures(model), CLIPProcessor.from_pretrained(str(folder))
+
+    return load
+
+
+def test_clip_score_matches_torchmetrics(
+    clip: HfClipBackend, tiny_dirs: dict[str, Path], images: list[Image.Image], texts: list[str]
+) -> None:
+    from torchmetrics.functional.multimodal import clip_score
+
+    load = _torchmetrics_loader(tiny_dirs["hf_clip"])
+    pixels = torch.stack([clip.preprocess(image) for image in images])
+    ours = clip_scores(clip.encode_images(pixels), clip.encode_texts(clip.tokenize(texts)))
+    with torch.no_grad():
+        reference = torch.stack(
+            [
+                clip_score(torch.from_numpy(np.array(image)).permute(2, 0, 1), text, load)
+                for image, text in zip(images, texts, strict=True)
+            ]
+        )
+    assert (ours - reference).abs().max() <= 1e-4
+    assert reference.max() > 1.0  # not a trivial 0 == 0
+
+
+def test_scores_match_direct_transformers(
+    clip: HfClipBackend, tiny_dirs: dict[str, Path], images: list[Image.Image], texts: list[str]
+) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = str(tiny_dirs["hf_clip"])
+    model = CLIPModel.from_pretrained(folder).eval()
+    inputs = CLIPProcessor.from_pretrained(folder)(
+        text=texts, images=images, return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        out = model(**inputs)
+    reference_raw = 100 * (out.image_embeds * out.text_embeds).sum(-1)
+    raw = _raw_scores(clip, images, texts)
+    assert (raw - reference_raw).abs().max() <= 1e-4
+    assert (raw.clamp(min=0) - reference_raw.clamp(min=0)).abs().max() <= 1e-4
+    assert reference_raw.abs().max() > 1.0
+    assert clip.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
+def test_siglip_matches_direct_transformers(
+    siglip: HfClipBackend, tiny_dirs: dict[str, Path], images: list[Image.Image], texts: list[str]
+) -> None:
+    from transformers import AutoProcessor, SiglipModel
+
+    folder = str(tiny_dirs["hf_siglip"])
+    model = SiglipModel.from_pretrained(folder).eval()
+    inputs = AutoProcessor.from_pretrained(folder)(
+        text=texts, images=images, padding="max_length", return_tensors="pt"
+    )
+    with torch.no_grad():  # SigLIP is trained without a text attention mask
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    logits = out.logits_per_image.diagonal()
+    cos = _raw_scores(siglip, images, texts) / 100
+    ours = cos * siglip.logit_scale + (siglip.logit_bias or 0.0)
+    assert (ours - logits).abs().max() <= 1e-4
+
+
+def test_info_and_logits(clip: HfClipBackend, siglip: HfClipBackend) -> None:
+    assert isinstance(clip, Backend)
+    assert isinstance(siglip, Backend)
+    assert (clip.info.backend, clip.info.architecture, clip.logit_bias) == ("hf", "clip", None)
+    assert (clip.info.embed_dim, clip.info.context_length, clip.info.image_size) == (32, 77, 64)
+    assert clip.info.modalities == frozenset({"text", "image"})
+    assert (clip.info.device, clip.info.dtype) == ("cpu", "float32")
+    assert clip.info.memory_bytes >= 4 * clip.info.parameter_count > 0
+    assert siglip.info.architecture == "siglip"
+    assert siglip.logit_bias == pytest.approx(-10.0)
+    assert siglip.logit_scale == pytest.approx(10.0)
+    assert (siglip.info.embed_dim, siglip.info.context_length) == (64, 64)
+
+
+@pytest.mark.parametrize("which", ["clip", "siglip"])
+def test_shapes_batching_and_determinism(
+    which: str, request: pytest.FixtureRequest, images: list[Image.Image], texts: list[str]
+) -> None:
+    backend: HfClipBackend = request.getfixturevalue(which)
+    dim = backend.info.embed_dim
+    pixels = torch.stack([backend.preprocess(image) for image in images])
+    assert pixels.shape == (4, 3, 64, 64)
+    assert pixels.dtype == torch.float32
+    image_emb = backend.encode_images(pixels)
+    text_emb = backend.encode_texts(backend.tokenize(texts))
+    for emb in (image_emb, text_emb):
+        assert emb.shape == (4, dim)
+        assert emb.dtype == torch.float32
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+    assert torch.equal(backend.encode_images(pixels), image_emb)
+    for i in range(4):
+        single_text = backend.encode_texts(backend.tokenize(texts[i : i + 1]))
+        torch.testing.assert_close(single_text[0], text_emb[i], atol=1e-5, rtol=0)
+        single_image = backend.encode_images(pixels[i : i + 1])
+        torch.testing.assert_close(single_image[0], image_emb[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["clip", "siglip"])
+def test_truncation(which: str, request: pytest.FixtureRequest, long_text: str) -> None:
+    backend: HfClipBackend = request.getfixturevalue(which)
+    context = backend.info.context_length
+    tokens = backend.tokenize([long_text, "a cat"])
+    assert tokens.inputs["input_ids"].shape == (2, context)
+    assert tokens.truncated == (True, False)
+    assert tokens.token_counts[0] > context
+    assert 2 <= tokens.token_counts[1] <= 4
+    assert backend.encode_texts(tokens).shape == (2, backend.info.embed_dim)
+
+
+def test_padding_per_architecture(clip: HfClipBackend, siglip: HfClipBackend) -> None:
+    clip_tokens = clip.tokenize(["a cat", "a photo of a cat"])
+    assert clip_tokens.inputs["input_ids"].shape == (
+        2,
+        7,
+    )  # longest: <start> a photo of a cat <end>
+    assert clip_tokens.token_counts == (4, 7)
+    siglip_tokens = siglip.tokenize(["a cat"])
+    assert set(siglip_tokens.inputs) == {"input_ids"}  # no attention mask, as SigLIP was trained
+    assert siglip_tokens.inputs["input_ids"].shape == (1, 64)  # padding="max_length"
+
+
+def test_empty_batches(clip: HfClipBackend) -> None:
+    assert clip.encode_texts(clip.tokenize([])).shape == (0, 32)
+    assert clip.encode_images(torch.zeros(0, 3, 64, 64)).shape == (0, 32)
+
+
+def test_rejects_other_model_types(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="model_type 'bert'"):
+        _load(tmp_path)
+
+
+def test_close(tiny_dirs: dict[str, Path]) -> None:
+    backend = _load(tiny_dirs["hf_clip"])
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.encode_images(torch.zeros(1, 3, 64, 64))
+
+
+def test_concurrent_tokenization_is_consistent(clip: HfClipBackend) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [" ".join(["cat"] * (i % 120)) for i in range(200)]
+    expected = [clip.tokenize([text]) for text in texts]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda text: clip.tokenize([text]), texts))
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got.inputs["input_ids"], want.inputs["input_ids"])
+        assert got.truncated == want.truncated
