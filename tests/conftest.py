@@ -98,22 +98,34 @@ def photo_bytes(photos: dict[str, Any]) -> Callable[..., bytes]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from clipserve.testing import build_tiny_hf_clip, build_tiny_open_clip
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """open_clip (CLIP and SigLIP-style), transformers CLIP and SigLIP, and the transformers copy
+    of the open_clip CLIP model (same weights)."""
+    from clipserve.testing.tiny import (
+        build_tiny_hf_clip,
+        build_tiny_hf_siglip,
+        build_tiny_open_clip,
+        convert_open_clip_to_hf_clip,
+    )
 
     root = tmp_path_factory.mktemp("tiny-models")
+    open_clip_dir = build_tiny_open_clip(root / "open_clip", seed=0)
     return {
-        "open_clip": build_tiny_open_clip(root / "open_clip"),
-        "hf": build_tiny_hf_clip(root / "hf"),
+        "open_clip": open_clip_dir,
+        "open_clip_siglip": build_tiny_open_clip(root / "open_clip_siglip", siglip=True, seed=1),
+        "hf_clip": build_tiny_hf_clip(root / "hf_clip", seed=2),
+        "hf_siglip": build_tiny_hf_siglip(root / "hf_siglip", seed=3),
+        "open_clip_as_hf": convert_open_clip_to_hf_clip(open_clip_dir, root / "open_clip_as_hf"),
     }
 
 
 @pytest.fixture(scope="session")
-def tiny_registry(tiny_models: dict[str, Path]) -> dict[str, dict[str, Any]]:
+def tiny_registry(tiny_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Registry entries for the tiny real models (real loaders, random weights)."""
     return {
-        "tiny": {"model_name": f"local-dir:{tiny_models['open_clip']}", "backend": "open_clip"},
-        "tiny-hf": {"model_name": str(tiny_models["hf"]), "backend": "hf"},
+        "tiny": {"model_name": f"local-dir:{tiny_dirs['open_clip']}", "backend": "open_clip"},
+        "tiny-hf": {"model_name": str(tiny_dirs["hf_clip"]), "backend": "hf"},
+        "tiny-siglip": {"model_name": str(tiny_dirs["hf_siglip"]), "backend": "hf"},
     }
 
 
@@ -155,7 +167,8 @@ def make_settings(
     def make(models: dict[str, Any] | None = None, **overrides: Any) -> Settings:
         config = write_config({**FAKE_MODELS, **(models or {})})
         media = {"media_root": tmp_path, "allow_private_urls": True, **overrides.pop("media", {})}
-        return Settings(config_path=config, config_reload_interval_s=0, media=media, **overrides)
+        overrides.setdefault("config_reload_interval_s", 0)
+        return Settings(config_path=config, media=media, **overrides)
 
     return make
 

@@ -298,6 +298,11 @@ class Engine:
         keys = list(unique)
         out: dict[str, torch.Tensor | ClipServeError] = {}
 
+        def stack_and_encode(tensors: list[torch.Tensor]) -> torch.Tensor:
+            # On the device thread: a torch op on the event loop thread would start an OpenMP
+            # team there that competes with the encoder's.
+            return handle.backend.encode_images(torch.stack(tensors))
+
         async def prepare(chunk: range) -> list[torch.Tensor | BaseException]:
             return await asyncio.gather(
                 *(self._prepare_image(handle, unique[keys[i]]) for i in chunk),
@@ -319,9 +324,8 @@ class Engine:
             if not ready:
                 return
             try:
-                batch = torch.stack([pixels for _, pixels in ready])
                 embeddings = await self._forward(
-                    handle, "image", handle.backend.encode_images, batch
+                    handle, "image", stack_and_encode, [pixels for _, pixels in ready]
                 )
             except ClipServeError as exc:
                 out.update((key, exc) for key, _ in ready)

@@ -12,7 +12,11 @@ from PIL import Image
 
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import Backend, clip_scores
-from clipserve.models.open_clip_backend import OpenClipBackend, resolve_open_clip_source
+from clipserve.models.open_clip_backend import (
+    OpenClipBackend,
+    _PilThenNumpy,
+    resolve_open_clip_source,
+)
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -202,3 +206,30 @@ def test_close_releases_the_model(tiny_dirs: dict[str, Path]) -> None:
     backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.encode_texts(backend.tokenize(["a cat"]))
+
+
+@pytest.mark.parametrize(
+    ("image_size", "resize_mode", "mean", "std"),
+    [
+        (224, "shortest", None, None),  # CLIP defaults (ViT-B-32, ViT-L-14)
+        (256, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP-style
+    ],
+)
+def test_numpy_tail_is_bit_identical_to_open_clips_transform(
+    photos: dict[str, Any],
+    image_size: int,
+    resize_mode: str,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> None:
+    transform = open_clip.image_transform(
+        image_size, is_train=False, mean=mean, std=std, resize_mode=resize_mode
+    )
+    fast = _PilThenNumpy.wrap(transform)
+    assert fast is not None
+    for photo in [*photos.values(), photos["chelsea"].convert("L").convert("RGB")]:
+        assert torch.equal(fast(photo), transform(photo))
+
+
+def test_backend_uses_the_numpy_tail(backend: OpenClipBackend) -> None:
+    assert isinstance(backend._preprocess, _PilThenNumpy)

@@ -13,10 +13,18 @@ from clipserve import __version__
 from clipserve.api.deps import EngineDep, MetricsDep
 from clipserve.api.schemas.system import GpuMemory, HealthResponse, StatusResponse
 from clipserve.engine.registry import ModelState
+from clipserve.errors import ModelLoadError
 from clipserve.models.loader import resolve_device
 from clipserve.observability.system import gpu_memory
 
 router = APIRouter(tags=["system"])
+
+
+def _device(requested: str) -> str:
+    try:
+        return resolve_device(requested)
+    except ModelLoadError as exc:  # e.g. cuda configured on a host without it
+        return f"{requested} (unavailable: {exc.message})"
 
 
 @router.get("/evaluator/health", response_model=HealthResponse)
@@ -49,7 +57,7 @@ async def status(engine: EngineDep) -> StatusResponse:
         python_version=platform.python_version(),
         torch_version=torch.__version__,
         cuda_available=torch.cuda.is_available(),
-        device=resolve_device(settings.device),
+        device=_device(settings.device),
         default_model=settings.default_model,
         config_path=str(settings.config_path) if settings.config_path else None,
         last_reload_at=registry.last_reload_at,
