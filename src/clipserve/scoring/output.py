@@ -31,7 +31,20 @@ def csv_cell(value: Any) -> str:
     return str(value)
 
 
-class CsvRowWriter:
+class _StreamWriter:
+    """Owns (closes) its stream, or only flushes one it was lent (stdout)."""
+
+    def __init__(self, stream: TextIO, *, owns_stream: bool = True) -> None:
+        self._stream, self._owns = stream, owns_stream
+
+    def close(self) -> None:
+        if self._owns:
+            self._stream.close()
+        else:
+            self._stream.flush()
+
+
+class CsvRowWriter(_StreamWriter):
     """Writes a header (the keys of the first batch of records, in first-seen order) and rows.
 
     Keys that first appear after the header was written are left out and listed in
@@ -39,7 +52,7 @@ class CsvRowWriter:
     """
 
     def __init__(self, stream: TextIO, *, owns_stream: bool = True) -> None:
-        self._stream, self._owns = stream, owns_stream
+        super().__init__(stream, owns_stream=owns_stream)
         self._writer: csv.DictWriter[str] | None = None
         self.columns: list[str] = []
         self.dropped_columns: set[str] = set()
@@ -57,29 +70,14 @@ class CsvRowWriter:
             self._writer.writerow({k: csv_cell(v) for k, v in record.items()})
         self._stream.flush()
 
-    def close(self) -> None:
-        if self._owns:
-            self._stream.close()
-        else:
-            self._stream.flush()
 
-
-class JsonlRowWriter:
+class JsonlRowWriter(_StreamWriter):
     """One JSON object per line (UTF-8, non-ASCII kept); None is null."""
-
-    def __init__(self, stream: TextIO, *, owns_stream: bool = True) -> None:
-        self._stream, self._owns = stream, owns_stream
 
     def write(self, records: Sequence[Record]) -> None:
         for record in records:
             self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._stream.flush()
-
-    def close(self) -> None:
-        if self._owns:
-            self._stream.close()
-        else:
-            self._stream.flush()
 
 
 class PreviewWriter:
