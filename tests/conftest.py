@@ -14,11 +14,17 @@ from typing import Any
 
 import pytest
 
+from clipserve.config import BATCHING_ENV_NAMES
+
 # A stray hub call must fail at once, not wait on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for _key in [k for k in os.environ if k.startswith(("MODEL_CONFIG_", "CLIPSERVE_"))]:
+for _key in [
+    k
+    for k in os.environ
+    if k.startswith(("MODEL_CONFIG_", "CLIPSERVE_")) or k in BATCHING_ENV_NAMES
+]:
     del os.environ[_key]  # tests build their own settings
 
 _TESTS = Path(__file__).parent

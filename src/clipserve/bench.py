@@ -1,33 +1,47 @@
-"""`clipserve bench`: single-pair vs batched evaluation throughput, through the real engine.
+"""`clipserve bench`: what the dynamic batcher buys, measured through a real server.
 
-For each model it scores the same N distinct image-text pairs three ways and prints pairs/s:
+For each model it measures, on the same N distinct image-text pairs:
 
-* ``raw``    - the backend alone: preprocess + tokenize + encode in batches, no engine (the floor);
-* ``single`` - N sequential ``Engine.evaluate([pair])`` calls (one forward pass per pair, modality);
-* ``batch``  - one ``Engine.evaluate(pairs, batch_size=B)`` call.
+* ``raw``       - the backend alone in this process: preprocess + tokenize + encode in batches of
+  ``max_batch_size``, no server, no engine (the floor);
+* ``batched``   - N concurrent single-pair requests (``/evaluator/v1/evaluation/single``, at most
+  ``concurrency`` in flight) against ``clipserve serve`` with batching on;
+* ``unbatched`` - the same requests against a server started with ``--max-batch-size 1``;
+* ``batch req`` - one ``/evaluator/v1/evaluation/batch`` request holding all N pairs (batched
+  server).
 
-It reports ``batch / single`` (what batching buys) and ``raw / batch`` (what the engine costs).
+It prints pairs/s, p50/p99 latency, ``batched / unbatched`` (what batching buys) and the server
+overhead ``batched time / raw time - 1`` (what HTTP, JSON, decoding and queueing cost on top of the
+model). Servers are separate processes on 127.0.0.1 with ``--preload``, measured one at a time.
 Models: ``tiny`` (a random 2-layer open_clip model built on the fly) and ``vit-b-32`` (open_clip
-ViT-B-32 with random weights: real architecture and cost, no download).
+ViT-B-32 with random weights: the real architecture and cost, no download).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import torch
 from PIL import Image
 
-from clipserve.config import Settings
-from clipserve.engine.engine import Engine, EvalItem
+from clipserve.config import BUILTIN_MODELS, ModelSpec
 from clipserve.models.base import Backend
+from clipserve.models.loader import load_backend, resolve_device, resolve_dtype
 
 _CAPTIONS = (
     "a photo of an astronaut",
@@ -39,25 +53,37 @@ _CAPTIONS = (
     "a mountain landscape at sunset",
     "a dog running on the beach",
 )
+SINGLE = "/evaluator/v1/evaluation/single"
+BATCH = "/evaluator/v1/evaluation/batch"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    pairs_per_s: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
 
 
 @dataclass(frozen=True, slots=True)
 class BenchResult:
     model: str
     pairs: int
-    batch_size: int
+    concurrency: int
+    max_batch_size: int
     raw_pairs_per_s: float
-    single_pairs_per_s: float
-    batch_pairs_per_s: float
+    batched: LoadResult
+    unbatched: LoadResult
+    batch_request_pairs_per_s: float
 
     @property
     def batching_speedup(self) -> float:
-        return self.batch_pairs_per_s / self.single_pairs_per_s
+        return self.batched.pairs_per_s / self.unbatched.pairs_per_s
 
     @property
-    def engine_overhead(self) -> float:
-        """Fraction of batch time spent outside the raw model work."""
-        return 1.0 - self.batch_pairs_per_s / self.raw_pairs_per_s
+    def server_overhead(self) -> float:
+        """Extra time the batched server took over the raw model for the same pairs."""
+        return self.raw_pairs_per_s / self.batched.pairs_per_s - 1.0
 
 
 def sample_images(n: int, size: int = 320) -> list[Image.Image]:
@@ -85,46 +111,19 @@ def sample_pairs(n: int) -> list[tuple[Image.Image, str]]:
     return [(img, f"{_CAPTIONS[i % len(_CAPTIONS)]} #{i}") for i, img in enumerate(images)]
 
 
-def _raw_pass(backend: Backend, pairs: Sequence[tuple[Image.Image, str]], batch_size: int) -> None:
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        pixels = torch.stack([backend.preprocess(img) for img, _ in chunk])
-        backend.encode_images(pixels)
-        backend.encode_texts(backend.tokenize([text for _, text in chunk]))
-
-
-async def bench_model(
-    name: str, settings: Settings, pairs: Sequence[tuple[Image.Image, str]], batch_size: int
-) -> BenchResult:
-    async with Engine(settings) as engine:
-        handle = await engine.registry.get(name)
-        # Warm-up: first passes allocate buffers and pick kernels.
-        await engine.evaluate([EvalItem(pairs[0][0], "warm up", name)])
-        _raw_pass(handle.backend, pairs[: min(len(pairs), batch_size)], batch_size)
-
-        started = time.perf_counter()
-        await asyncio.to_thread(_raw_pass, handle.backend, pairs, batch_size)
-        raw = time.perf_counter() - started
-
-        items = [EvalItem(img, text, name) for img, text in pairs]
-        started = time.perf_counter()
-        for item in items:
-            (result,) = await engine.evaluate([item])
-            assert result.error is None, result.error
-        single = time.perf_counter() - started
-
-        started = time.perf_counter()
-        results = await engine.evaluate(items, batch_size=batch_size)
-        batch = time.perf_counter() - started
-        assert all(r.error is None for r in results)
-    n = len(pairs)
-    return BenchResult(name, n, batch_size, n / raw, n / single, n / batch)
+def _jpeg_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def bench_registry(models: Sequence[str], workdir: Path) -> dict[str, dict[str, object]]:
     from clipserve.testing.tiny import build_tiny_open_clip
 
-    entries: dict[str, dict[str, object]] = {}
+    # The built-in models are switched off: each bench server preloads only what it measures.
+    entries: dict[str, dict[str, object]] = {
+        name: {"enabled": False} for name in BUILTIN_MODELS if name not in models
+    }
     for model in models:
         if model == "tiny":
             path = build_tiny_open_clip(workdir / "tiny")
@@ -140,28 +139,188 @@ def bench_registry(models: Sequence[str], workdir: Path) -> dict[str, dict[str, 
     return entries
 
 
-def run(models: Sequence[str], *, pairs: int, batch_size: int, device: str) -> list[BenchResult]:
+# --- raw ---------------------------------------------------------------------------------------
+
+
+def _raw_pass(backend: Backend, pairs: Sequence[tuple[Image.Image, str]], batch_size: int) -> None:
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        pixels = torch.stack([backend.preprocess(img) for img, _ in chunk])
+        backend.encode_images(pixels)
+        backend.encode_texts(backend.tokenize([text for _, text in chunk]))
+
+
+def raw_pairs_per_s(
+    spec: ModelSpec, pairs: Sequence[tuple[Image.Image, str]], batch_size: int, device: str
+) -> float:
+    resolved = resolve_device(device)
+    backend = load_backend(spec, device=resolved, dtype=resolve_dtype(resolved, None, "fp16"))
+    try:
+        _raw_pass(backend, pairs[: min(len(pairs), batch_size)], batch_size)  # warm-up
+        started = time.perf_counter()
+        _raw_pass(backend, pairs, batch_size)
+        return len(pairs) / (time.perf_counter() - started)
+    finally:
+        backend.close()
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(config: Path, model: str, *, max_batch_size: int, device: str) -> Iterator[str]:
+    """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded."""
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": model}
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--preload",
+        "--max-batch-size",
+        str(max_batch_size),
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the bench server exited with {process.returncode}")
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bench server did not become ready within 300 s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _load(base: str, bodies: Sequence[dict[str, str]], concurrency: int) -> LoadResult:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        for body in bodies[: min(len(bodies), concurrency)]:  # warm-up (and keep-alive)
+            (await client.post(SINGLE, json=body)).raise_for_status()
+        slots = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+        failed = 0
+
+        async def one(body: dict[str, str]) -> None:
+            nonlocal failed
+            async with slots:
+                started = time.perf_counter()
+                response = await client.post(SINGLE, json=body)
+                latencies.append(time.perf_counter() - started)
+                failed += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(body) for body in bodies))
+        elapsed = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return LoadResult(len(bodies) / elapsed, cuts[49] * 1000, cuts[98] * 1000, failed)
+
+
+async def _batch_request(base: str, bodies: Sequence[dict[str, str]], batch_size: int) -> float:
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        payload = {"evaluations": list(bodies), "batch_size": batch_size, "show_progress": False}
+        started = time.perf_counter()
+        response = await client.post(BATCH, json=payload)
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+    return len(bodies) / elapsed
+
+
+def bench_model(
+    model: str,
+    config: Path,
+    spec: ModelSpec,
+    *,
+    pairs: int,
+    concurrency: int,
+    max_batch_size: int,
+    device: str,
+) -> BenchResult:
+    samples = sample_pairs(pairs)
+    bodies = [
+        {"image_input": _jpeg_uri(img), "text_prompt": text, "model_config_name": model}
+        for img, text in samples
+    ]
+    raw = raw_pairs_per_s(spec, samples, max_batch_size, device)
+    with server(config, model, max_batch_size=max_batch_size, device=device) as base:
+        batched = asyncio.run(_load(base, bodies, concurrency))
+        batch_request = asyncio.run(_batch_request(base, bodies, max_batch_size))
+    with server(config, model, max_batch_size=1, device=device) as base:
+        unbatched = asyncio.run(_load(base, bodies, concurrency))
+    return BenchResult(
+        model, pairs, concurrency, max_batch_size, raw, batched, unbatched, batch_request
+    )
+
+
+def run(
+    models: Sequence[str], *, pairs: int, concurrency: int, max_batch_size: int, device: str
+) -> list[BenchResult]:
     with tempfile.TemporaryDirectory(prefix="clipserve-bench-") as tmp:
         workdir = Path(tmp)
+        registry = bench_registry(models, workdir)
         config = workdir / "models.json"
-        config.write_text(json.dumps(bench_registry(models, workdir)))
-        settings = Settings(config_path=config, config_reload_interval_s=0, device=device)
-        samples = sample_pairs(pairs)
-        return [asyncio.run(bench_model(m, settings, samples, batch_size)) for m in models]
+        config.write_text(json.dumps(registry))
+        return [
+            bench_model(
+                m,
+                config,
+                ModelSpec.model_validate(registry[m]),
+                pairs=pairs,
+                concurrency=concurrency,
+                max_batch_size=max_batch_size,
+                device=device,
+            )
+            for m in models
+        ]
 
 
 def format_results(results: Sequence[BenchResult]) -> list[str]:
     lines = [
-        f"{'model':<10} {'pairs':>5} {'bs':>4} {'raw p/s':>9} {'single p/s':>11} "
-        f"{'batch p/s':>10} {'batch/single':>13} {'overhead':>9}"
+        f"{'model':<9} {'pairs':>5} {'conc':>4} {'bs':>3} {'raw p/s':>8} "
+        f"{'batched p/s':>11} {'p50/p99 ms':>13} {'unbatched p/s':>13} {'p50/p99 ms':>13} "
+        f"{'batch req p/s':>13} {'batched/unbatched':>17} {'overhead':>8}"
     ]
     for r in results:
         lines.append(
-            f"{r.model:<10} {r.pairs:>5} {r.batch_size:>4} {r.raw_pairs_per_s:>9.1f} "
-            f"{r.single_pairs_per_s:>11.1f} {r.batch_pairs_per_s:>10.1f} "
-            f"{r.batching_speedup:>12.2f}x {r.engine_overhead:>8.1%}"
+            f"{r.model:<9} {r.pairs:>5} {r.concurrency:>4} {r.max_batch_size:>3} "
+            f"{r.raw_pairs_per_s:>8.1f} {r.batched.pairs_per_s:>11.1f} "
+            f"{r.batched.p50_ms:>6.0f}/{r.batched.p99_ms:<6.0f} "
+            f"{r.unbatched.pairs_per_s:>13.1f} "
+            f"{r.unbatched.p50_ms:>6.0f}/{r.unbatched.p99_ms:<6.0f} "
+            f"{r.batch_request_pairs_per_s:>13.1f} {r.batching_speedup:>16.2f}x "
+            f"{r.server_overhead:>8.1%}"
         )
-    if results:
-        mean = statistics.fmean(r.batching_speedup for r in results)
-        lines.append(f"mean batching speed-up: {mean:.2f}x")
+        if r.batched.failed or r.unbatched.failed:
+            lines.append(
+                f"  {r.model}: {r.batched.failed} batched and {r.unbatched.failed} unbatched "
+                "requests failed"
+            )
     return lines

@@ -70,6 +70,28 @@ def serve(
     media_root: Annotated[
         Path | None, typer.Option(help="Serve local image paths from under this folder.")
     ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Items per forward pass (else $MAX_BATCH_SIZE; 32).")
+    ] = None,
+    batch_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds the oldest queued item waits for a batch to fill (0.01)."),
+    ] = None,
+    num_batching_workers: Annotated[
+        int | None, typer.Option(help="Batch collectors per queue (1).")
+    ] = None,
+    max_concurrent_batches: Annotated[
+        int | None, typer.Option(help="Batches in flight per device (1 on CPU, 2 on CUDA).")
+    ] = None,
+    max_queue_size: Annotated[
+        int | None, typer.Option(help="Items waiting per queue before overflow (1000).")
+    ] = None,
+    queue_overflow_action: Annotated[
+        str | None, typer.Option(help="reject (429 + Retry-After) or wait (until the deadline).")
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds before a request is answered 504 (300).")
+    ] = None,
 ) -> None:
     """Start the HTTP service."""
     import uvicorn
@@ -82,6 +104,15 @@ def serve(
         preload=preload,
         server={"host": host, "port": port, "log_level": log_level},
         media={"media_root": media_root},
+        batching={
+            "max_batch_size": max_batch_size,
+            "batch_timeout": batch_timeout,
+            "num_batching_workers": num_batching_workers,
+            "max_concurrent_batches": max_concurrent_batches,
+            "max_queue_size": max_queue_size,
+            "queue_overflow_action": queue_overflow_action,
+            "request_timeout": request_timeout,
+        },
     )
     level = settings.server.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -92,7 +123,8 @@ def serve(
             host=settings.server.host,
             port=settings.server.port,
             log_level=settings.server.log_level,
-            timeout_graceful_shutdown=30,
+            # Open requests get the drain timeout; the batcher then drains what is left.
+            timeout_graceful_shutdown=max(1, round(settings.batching.drain_timeout)),
         )
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc.message}")
@@ -137,15 +169,21 @@ def list_models(
 @app.command()
 def bench(
     models: Annotated[str, typer.Option(help="Comma-separated: tiny, vit-b-32.")] = "tiny,vit-b-32",
-    pairs: Annotated[int, typer.Option(min=1, help="Distinct image-text pairs per model.")] = 64,
-    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 32,
+    pairs: Annotated[int, typer.Option(min=2, help="Distinct image-text pairs (requests).")] = 64,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 32,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="The batched server's max batch size.")
+    ] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
 ) -> None:
-    """Single-pair vs batched throughput through the engine (random weights, no download)."""
+    """Concurrent single requests against a real server, batched vs --max-batch-size 1, and the
+    raw model (random weights, no download): pairs/s, p50/p99, speed-up and server overhead."""
     from clipserve import bench as bench_module
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    results = bench_module.run(names, pairs=pairs, batch_size=batch_size, device=device)
+    results = bench_module.run(
+        names, pairs=pairs, concurrency=concurrency, max_batch_size=max_batch_size, device=device
+    )
     for line in bench_module.format_results(results):
         typer.echo(line)
 

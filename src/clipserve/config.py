@@ -3,8 +3,8 @@
 ``Settings`` is built once (by the CLI, or by a test) and passed down. Model specs come from three
 sources merged field by field, later ones winning: the built-in defaults, the JSON registry file
 (``--config`` / ``CLIPSERVE_CONFIG``) and ``MODEL_CONFIG_<NAME>`` environment variables holding a
-JSON
-object each.
+JSON object each. Batching settings are also read from the plain names the issue tracker uses
+(``MAX_BATCH_SIZE``, ``BATCH_TIMEOUT``, ``MAX_QUEUE_SIZE``...).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from clipserve.errors import ConfigError
 
 BackendName = Literal["open_clip", "hf", "sentence-transformers"]
 Precision = Literal["fp32", "fp16", "bf16"]
+OverflowAction = Literal["reject", "wait"]
 
 MODEL_ENV_PREFIX = "MODEL_CONFIG_"
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -103,6 +104,13 @@ class ModelSpec(BaseModel):
     precision: Precision | None = Field(
         default=None, description="fp32 on CPU and the service's cuda_precision on CUDA when unset"
     )
+    matryoshka_dims: tuple[int, ...] = Field(
+        default=(),
+        description=(
+            "embedding sizes the model was trained to be truncated to (Matryoshka); other "
+            "`dimensions` requests are refused"
+        ),
+    )
 
 
 class MediaSettings(BaseModel):
@@ -140,6 +148,93 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     max_batch_items: int = Field(default=1000, gt=0, description="evaluations per batch request")
     max_prompt_chars: int = Field(default=10_000, gt=0)
+
+
+class BatchingSettings(BaseModel):
+    """The dynamic batcher: one bounded queue per (model, modality), forward passes per device.
+
+    Also read from the plain environment names the issue tracker gave them (``MAX_BATCH_SIZE``,
+    ``BATCH_SIZE``, ``BATCH_TIMEOUT``, ``BATCH_WAIT_TIME_MS``, ``MAX_QUEUE_SIZE``...)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="items per forward pass")
+    batch_timeout: float = Field(
+        default=0.01,
+        ge=0,
+        le=60,
+        description="seconds the oldest queued item waits for a batch to fill before it runs",
+    )
+    num_batching_workers: int = Field(default=1, ge=1, le=64, description="collectors per queue")
+    max_concurrent_batches: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="batches in flight per device; default 1 on CPU, 2 on CUDA (overlap)",
+    )
+    max_queue_size: int = Field(default=1000, ge=1, description="items waiting per queue")
+    request_timeout: float = Field(
+        default=300.0, gt=0, description="seconds a request may take before it is answered 504"
+    )
+    queue_overflow_action: OverflowAction = Field(
+        default="reject",
+        description="reject: 429 with Retry-After; wait: queue until the request's deadline",
+    )
+    auto_scale_workers: bool = Field(
+        default=True, description="size the CPU preprocessing pool from the CPU count"
+    )
+    cpu_utilization_factor: float = Field(
+        default=1.0, gt=0, le=8, description="preprocessing threads per CPU core (auto scale)"
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="seconds shutdown waits for queued and in-flight work"
+    )
+
+    def concurrent_batches(self, device: str) -> int:
+        if self.max_concurrent_batches is not None:
+            return self.max_concurrent_batches
+        return 2 if device.startswith("cuda") else 1
+
+
+# Plain environment names -> BatchingSettings fields, first one set wins; value converters.
+_BATCHING_ENV: tuple[tuple[str, str, float], ...] = (
+    ("MAX_BATCH_SIZE", "max_batch_size", 1),
+    ("BATCH_SIZE", "max_batch_size", 1),
+    ("BATCH_TIMEOUT", "batch_timeout", 1),
+    ("BATCH_WAIT_TIME_MS", "batch_timeout", 1e-3),
+    ("NUM_BATCHING_WORKERS", "num_batching_workers", 1),
+    ("MAX_CONCURRENT_BATCHES", "max_concurrent_batches", 1),
+    ("MAX_QUEUE_SIZE", "max_queue_size", 1),
+    ("REQUEST_TIMEOUT", "request_timeout", 1),
+    ("QUEUE_OVERFLOW_ACTION", "queue_overflow_action", 1),
+    ("AUTO_SCALE_WORKERS", "auto_scale_workers", 1),
+    ("CPU_UTILIZATION_FACTOR", "cpu_utilization_factor", 1),
+    ("DRAIN_TIMEOUT", "drain_timeout", 1),
+)
+BATCHING_ENV_NAMES = tuple(dict.fromkeys(name for name, _, _ in _BATCHING_ENV))
+
+
+class _BatchingEnvSource(PydanticBaseSettingsSource):
+    """Reads the plain batching variables (``MAX_BATCH_SIZE=64``); ``CLIPSERVE_BATCHING__*`` and
+    flags win over them."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for env_name, field_name, scale in _BATCHING_ENV:
+            raw = os.environ.get(env_name)
+            if raw is None or raw.strip() == "" or field_name in values:
+                continue
+            if scale != 1:
+                try:
+                    values[field_name] = float(raw) * scale
+                except ValueError as exc:
+                    raise ConfigError(f"{env_name} must be a number, got {raw!r}") from exc
+            else:
+                values[field_name] = raw.strip()
+        return {"batching": values} if values else {}
 
 
 class _ModelEnvSource(PydanticBaseSettingsSource):
@@ -186,6 +281,9 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="how often the registry file is checked; 0 disables"
     )
     default_model: str = "fast"
+    default_text_model: str = Field(
+        default="minilm", description="the model behind POST /embed (text only)"
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     cuda_precision: Precision = "fp16"
     preload: bool = False
@@ -196,6 +294,7 @@ class Settings(BaseSettings):
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     server: ServerSettings = Field(default_factory=ServerSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
 
     @field_validator("device")
     @classmethod
@@ -213,7 +312,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _ModelEnvSource(settings_cls), file_secret_settings)
+        return (
+            init_settings,
+            env_settings,
+            _BatchingEnvSource(settings_cls),
+            _ModelEnvSource(settings_cls),
+            file_secret_settings,
+        )
 
 
 def _validate_name(name: str, source: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clipserve.config import Settings
-from clipserve.engine.engine import Engine, EvalItem, EvalResult, TextEmbeddings
+from clipserve.engine.engine import Embeddings, Engine, EvalItem, EvalResult
 from clipserve.engine.registry import BackendLoader, ModelStatus
 from clipserve.errors import InvalidInputError
 from clipserve.media import ImageInput
@@ -102,7 +102,7 @@ class LocalModel:
 
     def embed_texts_detailed(
         self, texts: Sequence[str], *, batch_size: int | None = None
-    ) -> TextEmbeddings:
+    ) -> Embeddings:
         """Embeddings plus token counts and truncation flags."""
         return self._run(self.engine.embed_texts(self.name, texts, batch_size=batch_size))
 

@@ -8,64 +8,19 @@ import csv
 import io
 import json
 import socket
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from clipserve.api.app import create_app
 from clipserve.cli import app as cli
 from clipserve.config import MediaSettings, Settings
 from clipserve.engine.engine import EvalItem
 from clipserve.scoring import RemoteScorer, ScoringJob, run_job
 from clipserve.testing import FakeLoader
-
-
-class Service(uvicorn.Server):
-    """A uvicorn server that signals when start-up is over (no polling, no sleeps)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.ready.set()
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[str]:
-    """Serve ``create_app(settings)`` with fake models on a free loopback port; yield its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    application = create_app(settings, loader=FakeLoader())
-    server = Service(uvicorn.Config(application, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert server.ready.wait(30), "the service did not start within 30 s"
-        assert server.started, "the service failed to start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive(), "the service did not stop"
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Settings], str]]:
-    with ExitStack() as stack:
-        yield lambda settings: stack.enter_context(running(settings))
 
 
 def closed_port() -> int:

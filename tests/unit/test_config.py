@@ -150,3 +150,73 @@ def test_spec_defaults() -> None:
 def test_device_is_validated() -> None:
     with pytest.raises(ValueError, match="device must be"):
         Settings(device="tpu")
+
+
+def test_batching_defaults() -> None:
+    batching = Settings().batching
+    assert batching.max_batch_size == 32
+    assert batching.max_queue_size == 1000
+    assert batching.request_timeout == 300.0
+    assert batching.queue_overflow_action == "reject"
+    assert batching.concurrent_batches("cpu") == 1
+    assert batching.concurrent_batches("cuda:0") == 2
+
+
+def test_batching_reads_the_plain_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_SIZE", "16")
+    monkeypatch.setenv("BATCH_WAIT_TIME_MS", "25")
+    monkeypatch.setenv("MAX_QUEUE_SIZE", "50")
+    monkeypatch.setenv("REQUEST_TIMEOUT", "12.5")
+    monkeypatch.setenv("QUEUE_OVERFLOW_ACTION", "wait")
+    monkeypatch.setenv("NUM_BATCHING_WORKERS", "2")
+    monkeypatch.setenv("MAX_CONCURRENT_BATCHES", "3")
+    monkeypatch.setenv("AUTO_SCALE_WORKERS", "false")
+    monkeypatch.setenv("CPU_UTILIZATION_FACTOR", "0.5")
+    batching = Settings().batching
+    assert batching.max_batch_size == 16
+    assert batching.batch_timeout == pytest.approx(0.025)
+    assert batching.max_queue_size == 50
+    assert batching.request_timeout == 12.5
+    assert batching.queue_overflow_action == "wait"
+    assert batching.num_batching_workers == 2
+    assert batching.max_concurrent_batches == 3
+    assert batching.auto_scale_workers is False
+    assert batching.cpu_utilization_factor == 0.5
+
+
+def test_batching_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_SIZE", "16")
+    monkeypatch.setenv("MAX_BATCH_SIZE", "24")  # the primary name wins over the alias
+    monkeypatch.setenv("BATCH_WAIT_TIME_MS", "25")
+    monkeypatch.setenv("BATCH_TIMEOUT", "0.5")  # seconds win over milliseconds
+    monkeypatch.setenv("CLIPSERVE_BATCHING__MAX_QUEUE_SIZE", "7")
+    monkeypatch.setenv("MAX_QUEUE_SIZE", "99")  # the prefixed name wins
+    batching = Settings(batching={"request_timeout": 5}).batching  # flags win, merged
+    assert batching.max_batch_size == 24
+    assert batching.batch_timeout == 0.5
+    assert batching.max_queue_size == 7
+    assert batching.request_timeout == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_BATCH_SIZE", "0", "max_batch_size"),
+        ("QUEUE_OVERFLOW_ACTION", "drop", "queue_overflow_action"),
+        ("REQUEST_TIMEOUT", "-1", "request_timeout"),
+    ],
+)
+def test_bad_batching_values_are_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_bad_wait_time_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_WAIT_TIME_MS", "soon")
+    with pytest.raises(ConfigError, match="BATCH_WAIT_TIME_MS must be a number"):
+        Settings()

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from clipserve import __version__
 from clipserve.api.errors import register_error_handlers
-from clipserve.api.middleware import RequestContextMiddleware
-from clipserve.api.routes import evaluation, models, system
+from clipserve.api.middleware import CancelOnDisconnectMiddleware, RequestContextMiddleware
+from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
@@ -20,9 +20,13 @@ from clipserve.observability.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """
-CLIP score (`max(100 * cos(image, text), 0)`) and embeddings for CLIP, SigLIP and
-sentence-transformers models. Errors are JSON `{"error": "...", "detail": ...}` with a meaningful
-status: 422 validation, 400/413/415 bad media, 404 unknown model, 503 model unavailable.
+CLIP score (`max(100 * cos(image, text), 0)`), embeddings, ranking and zero-shot classification
+for CLIP, SigLIP and sentence-transformers models, behind a dynamic batcher.
+
+Errors are JSON `{"error": "...", "detail": ...}` with a meaningful status: 422 validation,
+400/413/415 bad media, 404 unknown model, 429 overloaded (with `Retry-After`), 503 model
+unavailable or shutting down, 504 deadline passed. `/v1/embeddings` answers errors in OpenAI's
+shape (`{"error": {"message", "type", "param", "code"}}`).
 """
 
 
@@ -51,9 +55,18 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
     register_error_handlers(app)
     app.include_router(evaluation.router)
+    app.include_router(embeddings.router)
+    app.include_router(embeddings.openai_router)
+    # Multipart routes first: they match only multipart bodies, JSON falls through to the next.
+    app.include_router(rank.upload_router)
+    app.include_router(rank.router)
+    app.include_router(classify.upload_router)
+    app.include_router(classify.router)
+    app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(system.router)
     return app

@@ -1,8 +1,10 @@
 """The one place where errors become HTTP responses.
 
-Every :class:`~clipserve.errors.ClipServeError` maps to a status and a ``{"error", "detail"}`` body.
-Anything else is a bug: the client gets a generic 500 with the request id, the log gets the
-traceback.
+Every :class:`~clipserve.errors.ClipServeError` maps to a status and a ``{"error", "detail"}`` body;
+on OpenAI-compatible routes (those built with :class:`OpenAIRoute`) the body is OpenAI's error
+object ``{"error": {"message", "type", "param", "code"}}`` instead, so the ``openai`` client raises
+the right exception. Anything else is a bug: the client gets a generic 500 with the request id, the
+log gets the traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipserve import errors as e
@@ -37,6 +40,58 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.ConfigError, 422),
     (e.InferenceError, 500),
 )
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors take OpenAI's shape."""
+
+    error_style = "openai"
+
+
+def _openai_style(request: Request) -> bool:
+    return getattr(request.scope.get("route"), "error_style", None) == "openai"
+
+
+def _openai_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status == 401:
+        return "authentication_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+_OPENAI_CODES: tuple[tuple[type[e.ClipServeError], str], ...] = (
+    (e.ModelNotFoundError, "model_not_found"),
+    (e.ModelUnavailableError, "model_unavailable"),
+    (e.QueueFullError, "rate_limit_exceeded"),
+    (e.InferenceTimeoutError, "timeout"),
+    (e.MediaError, "invalid_image"),
+)
+
+
+def _respond(
+    request: Request,
+    status: int,
+    message: str,
+    detail: Any = None,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if _openai_style(request):
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": _openai_type(status),
+                "param": None,
+                "code": code or str(status),
+            }
+        }
+    else:
+        body = error_body(message, detail)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_for(exc: e.ClipServeError) -> int:
@@ -66,9 +121,8 @@ async def _clipserve_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
-    return JSONResponse(
-        error_body(exc.message, exc.detail), status_code=status, headers=_retry_after(exc)
-    )
+    code = next((c for cls, c in _OPENAI_CODES if isinstance(exc, cls)), None)
+    return _respond(request, status, exc.message, exc.detail, code=code, headers=_retry_after(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -79,19 +133,24 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-    return JSONResponse(
-        error_body(f"request validation failed: {where}: {first['msg']}", problems),
-        status_code=422,
+    return _respond(
+        request,
+        422,
+        f"request validation failed: {where}: {first['msg']}",
+        problems,
+        code="invalid_request",
     )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
-    return JSONResponse(
-        error_body(message, {"path": request.url.path}),
-        status_code=exc.status_code,
-        headers=exc.headers,
+    return _respond(
+        request,
+        exc.status_code,
+        message,
+        {"path": request.url.path},
+        headers=dict(exc.headers) if exc.headers else None,
     )
 
 
@@ -100,9 +159,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception(
         "unhandled error on %s %s (request %s)", request.method, request.url.path, request_id
     )
-    return JSONResponse(
-        error_body("internal server error", {"request_id": request_id}), status_code=500
-    )
+    return _respond(request, 500, "internal server error", {"request_id": request_id})
 
 
 def register_error_handlers(app: FastAPI) -> None:

@@ -1,7 +1,11 @@
-"""Pure-ASGI middleware: request ids and HTTP metrics (labelled by route template, not raw path)."""
+"""Pure-ASGI middleware: request ids, HTTP metrics (labelled by route template, not raw path), and
+cancelling the work of clients that went away."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import time
 import uuid
@@ -10,7 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.observability.metrics import Metrics
 
+logger = logging.getLogger(__name__)
+
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_CLOSED_REQUEST = 499
+"""Recorded (never sent) for requests whose client disconnected first (nginx's convention)."""
 
 
 class RequestContextMiddleware:
@@ -46,6 +54,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if scope["state"].get("client_disconnected"):
+                status = CLIENT_CLOSED_REQUEST
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET")
@@ -53,3 +63,63 @@ class RequestContextMiddleware:
             self.metrics.http_request_duration_seconds.labels(method, endpoint).observe(
                 time.perf_counter() - started
             )
+
+
+class CancelOnDisconnectMiddleware:
+    """Cancels a request's handler when its client disconnects before the response is complete.
+
+    Once the request body has been read, a watcher waits for ``http.disconnect``; if it comes
+    before the response is done, the handler task is cancelled, so its queued work is dropped
+    before inference instead of being computed for nobody (work already on the device finishes).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        response_done = False
+        disconnected = False
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal response_done
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_done = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, receive_wrapper, send_wrapper))
+
+        async def watch() -> None:
+            nonlocal disconnected
+            await body_read.wait()
+            while not response_done:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not response_done and not handler.done():
+                        disconnected = True
+                        handler.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise  # the server itself is cancelling us
+            scope.setdefault("state", {})["client_disconnected"] = True
+            logger.info(
+                "client disconnected; cancelled %s %s", scope.get("method"), scope.get("path")
+            )
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher

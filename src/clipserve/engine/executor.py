@@ -1,22 +1,35 @@
 """Thread pools: one single-thread executor per device, one bounded pool for CPU preprocessing.
 
 All forward passes for a device run on that device's one thread, serially and in submission order,
-so
-models never race for the GPU (or for the CPU's intra-op threads). Decoding, preprocessing and
+so models never race for the GPU (or for the CPU's intra-op threads). Decoding, preprocessing and
 tokenization run on the bounded CPU pool. (``torch.set_num_threads`` is process-wide in effect, so
-the
-pool does not change it: it would starve the encoder thread.)
+the pool does not change it: it would starve the encoder thread.)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from clipserve.config import Settings
+
 
 def default_cpu_workers() -> int:
     return max(2, min(32, (os.cpu_count() or 2)))
+
+
+def cpu_workers(settings: Settings) -> int:
+    """Size of the CPU pool: ``media.decode_workers`` when set; else, with
+    ``batching.auto_scale_workers``, CPU count x ``cpu_utilization_factor``."""
+    if settings.media.decode_workers is not None:
+        return settings.media.decode_workers
+    batching = settings.batching
+    if not batching.auto_scale_workers:
+        return default_cpu_workers()
+    cores = os.cpu_count() or 2
+    return max(2, min(64, math.ceil(cores * batching.cpu_utilization_factor)))
 
 
 class Executors:

@@ -2,10 +2,8 @@
 
 Every model config name has an entry with a state (``not_loaded`` → ``loading`` → ``loaded`` or
 ``error``). Requests take a *lease* on a loaded model (``async with registry.use(name)``); a model
-that
-is removed, disabled or changed by a reload is retired and its weights are released only when its
-last
-lease ends, so in-flight requests always finish on the model they started with.
+that is removed, disabled or changed by a reload is retired and its weights are released only when
+its last lease ends, so in-flight requests always finish on the model they started with.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -124,8 +122,10 @@ class ModelRegistry:
         executors: Executors,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        on_unload: Callable[[ModelHandle], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_unload = on_unload
         self._loader = loader
         self._executors = executors
         self._metrics = metrics
@@ -266,6 +266,8 @@ class ModelRegistry:
             return
         handle.closed = True
         logger.info("unloading model '%s'", handle.name)
+        if self._on_unload is not None:
+            await self._on_unload(handle)
         # On the device thread: queued forward passes of this model finish first.
         await asyncio.get_running_loop().run_in_executor(handle.executor, handle.backend.close)
 

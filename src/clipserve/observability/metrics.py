@@ -1,8 +1,7 @@
 """Prometheus metrics on an explicit registry (never the global one), so many apps can coexist.
 
 Names the API contract fixes (``http_requests_total``, ``clip_score_distribution``...) are kept
-exactly;
-metrics of our own are prefixed ``clipserve_``.
+exactly; metrics of our own are prefixed ``clipserve_``.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _SCORE_BUCKETS = tuple(float(x) for x in range(0, 101, 5))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _MODEL_STATES = ("not_loaded", "loading", "loaded", "error")
+_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
@@ -101,6 +101,55 @@ class Metrics:
             registry=r,
         )
 
+        # The dynamic batcher (names fixed by the API contract).
+        self.batcher_requests_total = Counter(
+            "batcher_requests_total",
+            "Items submitted to the batcher by model, modality and outcome "
+            "(ok, error, timeout, cancelled, rejected)",
+            ["model", "modality", "outcome"],
+            registry=r,
+        )
+        self.batcher_request_latency_seconds = Histogram(
+            "batcher_request_latency_seconds",
+            "Seconds from an item's enqueue to its result",
+            ["model", "modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batcher_batch_size = Histogram(
+            "batcher_batch_size",
+            "Items per batch formed by the batcher",
+            ["model", "modality"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batcher_batch_wait_time_seconds = Histogram(
+            "batcher_batch_wait_time_seconds",
+            "Seconds items waited in the queue before their batch started",
+            ["model", "modality"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.batcher_inference_time_seconds = Histogram(
+            "batcher_inference_time_seconds",
+            "Seconds one batch took on its device (preparation and forward pass)",
+            ["model", "modality"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batcher_queue_size = Gauge(
+            "batcher_queue_size",
+            "Items waiting in each batcher queue",
+            ["model", "modality"],
+            registry=r,
+        )
+        self.batcher_inflight_batches = Gauge(
+            "batcher_inflight_batches",
+            "Batches formed and not yet finished, per device",
+            ["device"],
+            registry=r,
+        )
+
     def set_model_state(self, model: str, state: str) -> None:
         for candidate in _MODEL_STATES:
             self.model_state.labels(model=model, state=candidate).set(
@@ -114,6 +163,9 @@ class Metrics:
                 self.model_state.remove(model, candidate)
         with contextlib.suppress(KeyError):
             self.model_load_time_seconds.remove(model)
+        for modality in ("text", "image"):
+            with contextlib.suppress(KeyError):
+                self.batcher_queue_size.remove(model, modality)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

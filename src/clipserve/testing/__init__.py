@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from clipserve.testing.fake import FakeBackend, FakeLoader
+from clipserve.testing.fake import DeviceGate, FakeBackend, FakeLoader
 from clipserve.testing.tiny import build_tiny_hf_clip, build_tiny_hf_siglip, build_tiny_open_clip
 
 __all__ = [
+    "DeviceGate",
     "FakeBackend",
     "FakeLoader",
     "build_tiny_hf_clip",

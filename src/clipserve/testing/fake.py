@@ -7,6 +7,7 @@ every forward pass so tests can assert batching and deduplication.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
@@ -119,6 +120,36 @@ class FakeBackend:
         """Sizes of the forward passes run so far for one modality."""
         with self._lock:
             return [n for m, n in self.forward_calls if m == modality]
+
+
+class DeviceGate:
+    """A ``before_forward`` hook that holds forward passes on the device thread while closed, so a
+    test can keep a batch in flight (and requests queued behind it) without sleeping."""
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self._entered = threading.Event()
+        self._timeout_s = timeout_s
+        self.passes = 0
+
+    def close(self) -> None:
+        self._entered.clear()
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def __call__(self, modality: str, n: int) -> None:
+        self.passes += 1
+        self._entered.set()
+        if not self._open.wait(self._timeout_s):
+            raise RuntimeError("DeviceGate was never opened")
+
+    async def entered(self) -> None:
+        """Wait until a forward pass reached the (closed) gate."""
+        if not await asyncio.to_thread(self._entered.wait, self._timeout_s):
+            raise TimeoutError("no forward pass reached the gate")
 
 
 class FakeLoader:

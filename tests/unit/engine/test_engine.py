@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -8,19 +9,23 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipserve.config import Settings
-from clipserve.engine.engine import Engine, EvalItem
+from clipserve.engine.engine import Content, Engine, EvalItem
 from clipserve.errors import (
+    EngineNotReadyError,
     InferenceError,
+    InferenceTimeoutError,
     InvalidImageError,
     InvalidInputError,
     ModelNotFoundError,
     ModelUnavailableError,
+    QueueFullError,
     UnsupportedModalityError,
 )
 from clipserve.models.base import clip_scores
-from clipserve.testing import FakeBackend, FakeLoader
+from clipserve.testing import DeviceGate, FakeBackend, FakeLoader
 
 
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
@@ -78,20 +83,21 @@ async def test_scores_are_max_100_cos_in_request_order(
         assert 0.0 <= result.score <= 100.0
 
 
-async def test_duplicates_are_encoded_once_and_chunks_follow_batch_size(
+async def test_duplicates_are_encoded_once_and_passes_follow_max_batch_size(
     make_settings: Callable[..., Settings],
     engine_for: Callable[..., Engine],
     photos: dict[str, Any],
 ) -> None:
     loader = FakeLoader()
-    engine = engine_for(make_settings(), loader)
+    engine = engine_for(make_settings(batching={"max_batch_size": 4}), loader)
     distinct = [photos["astronaut"].rotate(angle) for angle in range(0, 100, 10)]  # 10 images
     items = [EvalItem(img, "same caption") for img in distinct]
     items += [EvalItem(distinct[0], "same caption"), EvalItem(distinct[1], "other caption")]
     results = await engine.evaluate(items, batch_size=4)
 
     backend = loader.loaded["fake-fast"]
-    assert backend.forwards("image") == [4, 4, 2]
+    assert sum(backend.forwards("image")) == 10  # each distinct image once
+    assert all(n <= 4 for n in backend.forwards("image"))
     assert sum(backend.forwards("text")) == 2
     assert results[10].score == results[0].score
     assert all(r.error is None for r in results)
@@ -211,3 +217,195 @@ def test_fake_backend_is_a_backend() -> None:
     from clipserve.models.base import Backend
 
     assert isinstance(FakeBackend(), Backend)
+
+
+# --- the dynamic batcher behind the engine -------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) for a condition another task or thread will make true."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.005)
+    assert condition(), what
+
+
+async def test_concurrent_single_evaluations_share_forward_passes(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    gate = DeviceGate()
+    loader = FakeLoader(before_forward=gate)
+    engine = engine_for(make_settings(), loader)
+    await engine.evaluate_one(EvalItem(images["astronaut"], "warm up"))
+    backend = loader.loaded["fake-fast"]
+    backend.forward_calls.clear()
+    gate.close()
+    first = asyncio.ensure_future(engine.evaluate_one(EvalItem(images["astronaut"], "first")))
+    await gate.entered()  # one forward pass holds the device
+    rest = [
+        asyncio.ensure_future(engine.evaluate_one(EvalItem(images["coffee"], f"caption {i}")))
+        for i in range(7)
+    ]
+    await until(lambda: engine.batcher.stats().queue_size >= 7, "requests queue up")
+    gate.open()
+    results = await asyncio.gather(first, *rest)
+    assert all(r.score is not None for r in results)
+    texts = backend.forwards("text")
+    assert sum(texts) == 8
+    assert len(texts) < 8  # seven texts that queued together went through one shared pass
+    assert max(texts) >= 7
+
+
+async def test_a_request_past_its_deadline_gets_504(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    gate = DeviceGate()
+    engine = engine_for(
+        make_settings(batching={"request_timeout": 0.2}), FakeLoader(before_forward=gate)
+    )
+    gate.close()
+    with pytest.raises(InferenceTimeoutError, match=r"within its 0\.2 s deadline"):
+        await engine.evaluate_one(EvalItem(images["astronaut"], "too slow"))
+    with pytest.raises(InferenceTimeoutError):
+        await engine.embed_texts("fast", ["also too slow"])
+    gate.open()
+    assert (await engine.embed_texts("fast", ["fine now"])).vectors.shape == (1, 16)
+
+
+async def test_a_full_queue_refuses_new_requests_with_429(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    gate = DeviceGate()
+    settings = make_settings(batching={"max_queue_size": 1, "max_batch_size": 1})
+    engine = engine_for(settings, FakeLoader(before_forward=gate))
+    await engine.embed_texts("fast", ["load the model"])
+    gate.close()
+    running = asyncio.ensure_future(engine.embed_texts("fast", ["running"]))
+    await gate.entered()
+    queued = asyncio.ensure_future(engine.embed_texts("fast", ["queued"]))
+    await until(lambda: engine.batcher.stats().queue_size == 1, "one item queued")
+    with pytest.raises(QueueFullError, match="overloaded") as refused:
+        await engine.embed_texts("fast", ["refused"])
+    assert refused.value.retry_after_s >= 1
+    gate.open()
+    assert len(await asyncio.gather(running, queued)) == 2
+
+
+async def test_wait_overflow_holds_new_requests_until_there_is_room(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    gate = DeviceGate()
+    settings = make_settings(
+        batching={"max_queue_size": 1, "max_batch_size": 1, "queue_overflow_action": "wait"}
+    )
+    engine = engine_for(settings, FakeLoader(before_forward=gate))
+    await engine.embed_texts("fast", ["load the model"])
+    gate.close()
+    calls = [asyncio.ensure_future(engine.embed_texts("fast", [f"t{i}"])) for i in range(4)]
+    await gate.entered()
+    gate.open()
+    done = await asyncio.gather(*calls)
+    assert [d.vectors.shape for d in done] == [(1, 16)] * 4
+
+
+async def test_rank_sorts_documents_by_similarity(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    engine = engine_for(make_settings())
+    documents = [Content.text("a dog"), Content.image(images["astronaut"]), Content.text("a cat")]
+    ranking = await engine.rank("fast", Content.text("a cat"), documents)
+    assert ranking.results[0].index == 2
+    assert ranking.results[0].score == pytest.approx(1.0, abs=1e-5)
+    assert sorted(r.index for r in ranking.results) == [0, 1, 2]
+    scores = [r.score for r in ranking.results]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(InvalidImageError, match=r"^documents\[1\]: image could not be decoded"):
+        await engine.rank("fast", Content.text("q"), [documents[0], Content.image(data_uri(b"x"))])
+
+
+async def test_classify_gives_softmax_probabilities_and_caches_label_prompts(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    loader = FakeLoader()
+    engine = engine_for(make_settings(), loader)
+    labels = ["astronaut", "cat", "coffee"]
+    (row,) = await engine.classify("fast", [images["astronaut"]], labels, "a photo of a {}")
+    assert sum(s.probability for s in row) == pytest.approx(1.0, abs=1e-5)
+    assert [s.probability for s in row] == sorted((s.probability for s in row), reverse=True)
+    backend = loader.loaded["fake-fast"]
+    image = backend.encode_images(backend.preprocess(Image.open(images["chelsea"]))[None])
+    prompts = backend.encode_texts(backend.tokenize([f"a photo of a {x}" for x in labels]))
+    cos = (image @ prompts.T)[0]
+    expected = torch.softmax(cos * 100.0, dim=-1)
+    (chelsea,) = await engine.classify("fast", [images["chelsea"]], labels)
+    for s in chelsea:
+        assert s.score == pytest.approx(float(cos[s.index]), abs=1e-5)
+        assert s.probability == pytest.approx(float(expected[s.index]), abs=1e-5)
+    assert backend.forwards("text") == [3, 3]  # the prompts once (cached), then the check above
+    with pytest.raises(InvalidInputError, match="template must contain"):
+        await engine.classify("fast", [images["chelsea"]], labels, "no placeholder")
+
+
+async def test_classify_uses_a_sigmoid_for_siglip_models(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    engine = engine_for(make_settings(), FakeLoader(logit_bias_value=-10.0))
+    (row,) = await engine.classify("fast", [images["astronaut"]], ["astronaut", "cat"])
+    for s in row:
+        assert s.probability == pytest.approx(
+            float(torch.sigmoid(torch.tensor(s.score * 100.0 - 10.0))), abs=1e-5
+        )
+
+
+async def test_dimensions_only_where_the_model_was_trained_for_truncation(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    engine = engine_for(make_settings({"mrl": {"model_name": "fake-mrl", "matryoshka_dims": [8]}}))
+    with pytest.raises(InvalidInputError, match="cannot return 4-dimensional embeddings"):
+        await engine.embed("fast", [Content.text("x")], dimensions=4)
+    assert (await engine.embed("fast", [Content.text("x")], dimensions=16)).vectors.shape == (1, 16)
+    short = await engine.embed("mrl", [Content.text("x"), Content.text("y")], dimensions=8)
+    assert short.vectors.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(short.vectors, axis=1), 1.0, atol=1e-5)
+
+
+async def test_readiness_tells_the_truth(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    engine = engine_for(make_settings(default_model="broken"))
+    assert engine.readiness().ready  # not loaded yet: loads on first use
+    with pytest.raises(ModelUnavailableError):
+        await engine.embed_texts(None, ["x"])
+    readiness = engine.readiness()
+    assert not readiness.ready
+    assert readiness.reason is not None
+    assert "failed to load" in readiness.reason
+    await engine.batcher.close()
+    assert engine.readiness().reason == "the server is shutting down"
+    with pytest.raises(EngineNotReadyError, match="shutting down"):
+        await engine.embed_texts("fast", ["x"])
+
+
+async def test_unloading_a_model_closes_its_queues(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    write_config: Callable[[dict[str, Any]], Any],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    engine = engine_for(make_settings())
+    await engine.embed_texts("accurate", ["x"])
+    assert any(q.model == "accurate" for q in engine.batcher.stats().queues)
+    del fake_models["accurate"]
+    write_config(fake_models)
+    await engine.registry.reload()
+    assert not any(q.model == "accurate" for q in engine.batcher.stats().queues)

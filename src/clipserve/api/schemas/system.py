@@ -44,3 +44,44 @@ class StatusResponse(BaseModel):
     models_loaded: int
     models_failed: int
     limits: dict[str, float | int]
+
+
+class QueueInfo(BaseModel):
+    model: str
+    modality: str
+    device: str
+    size: int = Field(description="Items waiting.")
+    max_batch_size: int = Field(description="Current limit (lowered after out-of-memory).")
+    batches: int = Field(description="Batches run so far.")
+    items: int = Field(description="Items answered so far.")
+    drain_rate_items_per_s: float | None = None
+
+
+class BatchProcessing(BaseModel):
+    accepting: bool = Field(description="False while shutting down.")
+    max_batch_size: int
+    batch_timeout_s: float
+    num_batching_workers: int
+    max_concurrent_batches: int | None = Field(description="null: 1 on CPU, 2 on CUDA.")
+    max_queue_size: int
+    queue_overflow_action: str
+    request_timeout_s: float
+    batches_processed: int
+    items_processed: int
+    queues: list[QueueInfo]
+
+
+class ServiceHealth(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model: str = Field(description="The default model.")
+    model_state: str | None = Field(description="not_loaded | loading | loaded | error")
+    device: str
+    queue_size: int
+    inflight_batches: int
+    batch_processing: BatchProcessing
+    error: str | None = Field(default=None, description="Why the service is not ready.")
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "not_ready"]
+    error: str | None = None

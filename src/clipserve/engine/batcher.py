@@ -1,0 +1,605 @@
+"""Dynamic batching: many small concurrent requests served by forward passes of big batches.
+
+There is one :class:`BatchQueue` per (model, modality). Its collectors (``num_batching_workers``)
+form a batch when ``max_batch_size`` items wait or when the oldest item has waited
+``batch_timeout``, whichever comes first (the clock starts at the batch's first item, not at the
+previous batch). A formed batch takes one of its device's slots (:class:`DeviceSlots`, at most
+``max_concurrent_batches`` batches in flight per device), is prepared on the CPU pool (e.g.
+tokenized) and runs on the device's single executor thread.
+
+The contract, after Ray Serve's ``_BatchQueue``: every submitted item's future gets exactly one
+outcome, a result or an exception, unless its caller cancelled it (a client that went away); then
+it is dropped before inference. Items whose deadline passed are answered
+:class:`~clipserve.errors.InferenceTimeoutError` instead of being run. A batch that fails is split
+in halves and retried, down to single items, so one poison input (or a CUDA out-of-memory error)
+fails alone; an out-of-memory error also lowers the queue's batch size. Queues are bounded: callers
+are refused (:class:`~clipserve.errors.QueueFullError`, with a drain-rate estimate for
+``Retry-After``) or wait for room until their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from clipserve.config import BatchingSettings, OverflowAction
+from clipserve.engine.capacity import free_cached_memory, is_out_of_memory
+from clipserve.errors import (
+    ClipServeError,
+    EngineNotReadyError,
+    InferenceError,
+    InferenceTimeoutError,
+    QueueFullError,
+)
+from clipserve.observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Results(Protocol[R_co]):
+    """What a batch returns: one result per payload (a list, or a tensor of rows)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[R_co]: ...
+
+
+_RATE_SMOOTHING = 0.3
+"""Weight of the newest batch in the drain-rate moving average."""
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
+
+
+async def _changed(waiters: list[asyncio.Future[None]]) -> None:
+    """Wait until someone calls ``_wake(waiters)``."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    finally:
+        if waiter in waiters:
+            waiters.remove(waiter)
+
+
+@dataclass(eq=False, slots=True)
+class _Item(Generic[P, R]):
+    payload: P
+    future: asyncio.Future[R]
+    enqueued_at: float
+    deadline: float
+    timer: asyncio.TimerHandle | None = None
+    """Answers the item 504 at its deadline, whatever the collectors are doing."""
+
+
+class DeviceSlots:
+    """At most ``limit`` batches in flight on one device (formed, and not yet finished)."""
+
+    def __init__(self, device: str, limit: int, metrics: Metrics) -> None:
+        self.device = device
+        self.limit = limit
+        self.inflight = 0
+        self._semaphore = asyncio.Semaphore(limit)
+        self._gauge = metrics.batcher_inflight_batches.labels(device)
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self.inflight += 1
+        self._gauge.set(self.inflight)
+
+    def release(self) -> None:
+        self.inflight -= 1
+        self._gauge.set(self.inflight)
+        self._semaphore.release()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    model: str
+    modality: str
+    device: str
+    size: int
+    max_batch_size: int
+    batches: int
+    items: int
+    drain_rate: float | None
+    """Items per second of recent batches (a moving average); None before the first batch."""
+
+
+class BatchQueue(Generic[P, R]):
+    """One bounded queue and its collectors.
+
+    ``prepare`` (optional) turns a batch's payloads into the model's input on the CPU pool;
+    ``run`` computes the batch on the device thread and returns one result per payload.
+    ``probe`` (optional) runs once on the device thread before the first batch and returns the
+    largest safe batch size (see :mod:`clipserve.engine.capacity`).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        modality: str,
+        run: Callable[[Any], Results[R]],
+        prepare: Callable[[list[P]], Any] | None,
+        device_executor: Executor,
+        cpu_executor: Executor,
+        slots: DeviceSlots,
+        settings: BatchingSettings,
+        metrics: Metrics,
+        probe: Callable[[], int] | None = None,
+    ) -> None:
+        self.model, self.modality, self.device = model, modality, slots.device
+        self.max_batch_size = settings.max_batch_size
+        self.max_queue_size = settings.max_queue_size
+        self._run, self._prepare, self._probe = run, prepare, probe
+        self._device_executor, self._cpu_executor = device_executor, cpu_executor
+        self._slots = slots
+        self._settings = settings
+        self._metrics = metrics
+        self._items: deque[_Item[P, R]] = deque()
+        self._arrivals: list[asyncio.Future[None]] = []
+        self._room: list[asyncio.Future[None]] = []
+        self._idle: list[asyncio.Future[None]] = []
+        self._collectors: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._ready = asyncio.Event()
+        self._probing = False
+        self._closing = False
+        self.batches = 0
+        self.items_done = 0
+        self.drain_rate: float | None = None
+        labels = (model, modality)
+        self._m_requests = metrics.batcher_requests_total
+        self._m_latency = metrics.batcher_request_latency_seconds.labels(*labels)
+        self._m_batch = metrics.batcher_batch_size.labels(*labels)
+        self._m_wait = metrics.batcher_batch_wait_time_seconds.labels(*labels)
+        self._m_infer = metrics.batcher_inference_time_seconds.labels(*labels)
+        self._m_queue = metrics.batcher_queue_size.labels(*labels)
+        self._m_forward = metrics.inference_time_seconds.labels(*labels)
+        self._m_forward_size = metrics.forward_batch_size.labels(*labels)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._probe is None:
+            self._ready.set()
+        self._collectors = [
+            asyncio.create_task(self._collect(), name=f"batcher-{self.model}-{self.modality}-{i}")
+            for i in range(self._settings.num_batching_workers)
+        ]
+
+    async def close(self, deadline: float) -> None:
+        """Stop accepting; finish queued and in-flight work until ``deadline``; fail the rest."""
+        self._closing = True
+        _wake(self._room)
+        _wake(self._arrivals)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while self._items or self._running:
+                    await _changed(self._idle)
+        except TimeoutError:
+            logger.warning(
+                "batcher %s/%s: drain timed out with %d queued items and %d running batches",
+                self.model,
+                self.modality,
+                len(self._items),
+                len(self._running),
+            )
+        tasks = [*self._collectors, *self._running]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        refused = EngineNotReadyError("the server shut down before this request was processed")
+        while self._items:
+            self._settle(self._items.popleft(), error=refused)
+        self._m_queue.set(0)
+
+    # --- submitting ----------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._items)
+
+    def retry_after_s(self) -> float:
+        """How long the queued work should take to drain, from the recent drain rate."""
+        if not self.drain_rate:
+            return 1.0
+        return min(60.0, max(1.0, len(self._items) / self.drain_rate))
+
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise EngineNotReadyError("the server is shutting down and accepts no new work")
+
+    async def admit(self, overflow: OverflowAction, deadline: float) -> None:
+        """Admission control for a new request: refuse it (or wait) while this queue is full."""
+        self._refuse_if_closing()
+        if len(self._items) < self.max_queue_size:
+            return
+        if overflow == "reject":
+            self._m_requests.labels(self.model, self.modality, "rejected").inc()
+            raise QueueFullError(
+                f"the server is overloaded: the {self.modality} queue of model '{self.model}' "
+                f"holds {len(self._items)} items (max_queue_size {self.max_queue_size}); "
+                "retry later",
+                retry_after_s=self.retry_after_s(),
+            )
+        await self._wait_until(lambda: len(self._items) < self.max_queue_size, deadline)
+
+    async def submit(self, payloads: Sequence[P], *, deadline: float) -> list[asyncio.Future[R]]:
+        """Queue items, waiting (until ``deadline``) for room; each future resolves to a result.
+
+        Room means the queue stays within ``max_queue_size``, or is empty (so a submission larger
+        than the whole queue still runs, alone)."""
+        n = len(payloads)
+        if n == 0:
+            return []
+        await self._wait_until(
+            lambda: not self._items or len(self._items) + n <= self.max_queue_size, deadline
+        )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items: list[_Item[P, R]] = [_Item(p, loop.create_future(), now, deadline) for p in payloads]
+        for item in items:
+            item.timer = loop.call_at(deadline, self._expire, item)
+        self._items.extend(items)
+        self._m_queue.set(len(self._items))
+        _wake(self._arrivals)
+        return [item.future for item in items]
+
+    async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    self._refuse_if_closing()
+                    if condition():
+                        return
+                    await _changed(self._room)
+        except TimeoutError:
+            self._m_requests.labels(self.model, self.modality, "timeout").inc()
+            raise InferenceTimeoutError(
+                f"the request's deadline passed while waiting for room in the {self.modality} "
+                f"queue of model '{self.model}'"
+            ) from None
+
+    # --- collecting ----------------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        await self._run_probe()
+        while True:
+            try:
+                while not self._items:
+                    await _changed(self._arrivals)
+                await self._slots.acquire()
+                try:
+                    batch = await self._take_batch()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch:
+                    self._slots.release()
+                    self._notify_idle()
+                    continue
+                task = asyncio.create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a collector must never die
+                logger.exception("batcher %s/%s: collector error", self.model, self.modality)
+
+    async def _run_probe(self) -> None:
+        """Before the first batch: lower ``max_batch_size`` to what the device's memory fits."""
+        if self._probe is None or self._probing:
+            await self._ready.wait()  # no probe, or another collector runs it
+            return
+        self._probing = True
+        loop = asyncio.get_running_loop()
+        try:
+            safe = await loop.run_in_executor(self._device_executor, self._probe)
+        except Exception:
+            logger.exception("batcher %s/%s: batch size probe failed", self.model, self.modality)
+        else:
+            if safe < self.max_batch_size:
+                logger.info(
+                    "batcher %s/%s: max batch size %d -> %d (probed from free device memory)",
+                    self.model,
+                    self.modality,
+                    self.max_batch_size,
+                    safe,
+                )
+                self.max_batch_size = max(1, safe)
+        finally:
+            self._ready.set()
+
+    async def _take_batch(self) -> list[_Item[P, R]]:
+        """Wait until the batch is full or its oldest item has waited ``batch_timeout``, then
+        take up to ``max_batch_size`` live items (dropping cancelled and expired ones)."""
+        loop = asyncio.get_running_loop()
+        while self._items and len(self._items) < self.max_batch_size and not self._closing:
+            remaining = self._items[0].enqueued_at + self._settings.batch_timeout - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    await _changed(self._arrivals)
+            except TimeoutError:
+                break
+        batch: list[_Item[P, R]] = []
+        now = loop.time()
+        while self._items and len(batch) < self.max_batch_size:
+            item = self._items.popleft()
+            if self._is_live(item, now):
+                batch.append(item)
+        self._m_queue.set(len(self._items))
+        _wake(self._room)
+        return batch
+
+    def _is_live(self, item: _Item[P, R], now: float) -> bool:
+        if item.future.cancelled():
+            if item.timer is not None:
+                item.timer.cancel()
+            self._m_requests.labels(self.model, self.modality, "cancelled").inc()
+            return False
+        if item.future.done():
+            return False
+        if now >= item.deadline:
+            self._expire(item)
+            return False
+        return True
+
+    def _expire(self, item: _Item[P, R]) -> None:
+        """The deadline passed before a result: answer 504 (a running batch's result for this
+        item is then dropped; a queued item is skipped when its batch forms)."""
+        self._settle(
+            item,
+            error=InferenceTimeoutError(
+                "the request's deadline passed before its result was ready "
+                f"({self.modality} queue of model '{self.model}')"
+            ),
+        )
+
+    # --- running -------------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[_Item[P, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._m_batch.observe(len(batch))
+        for item in batch:
+            self._m_wait.observe(started - item.enqueued_at)
+        try:
+            await self._execute(batch)
+        except asyncio.CancelledError:
+            gone = EngineNotReadyError(
+                "the server shut down before this request's result was ready"
+            )
+            for item in batch:
+                self._settle(item, error=gone)
+            raise
+        finally:
+            self._running.discard(asyncio.current_task())
+            self._slots.release()
+            self.batches += 1
+            self._m_infer.observe(loop.time() - started)
+            self._notify_idle()
+
+    async def _execute(self, items: list[_Item[P, R]]) -> None:
+        now = asyncio.get_running_loop().time()
+        live = [item for item in items if self._is_live(item, now)]
+        if not live:
+            return
+        try:
+            outputs = await self._forward([item.payload for item in live])
+        except ClipServeError as exc:
+            for item in live:
+                self._settle(item, error=exc)
+            return
+        except Exception as exc:
+            await self._recover(live, exc)
+            return
+        if len(outputs) != len(live):
+            error = InferenceError(
+                f"model '{self.model}' returned {len(outputs)} {self.modality} results "
+                f"for {len(live)} inputs"
+            )
+            for item in live:
+                self._settle(item, error=error)
+            return
+        for item, output in zip(live, outputs, strict=True):
+            self._settle(item, result=output)
+
+    async def _recover(self, live: list[_Item[P, R]], exc: Exception) -> None:
+        """A batch failed: split it to isolate the failing items (and shrink it on OOM)."""
+        oom = is_out_of_memory(exc)
+        if oom:
+            await asyncio.get_running_loop().run_in_executor(
+                self._device_executor, free_cached_memory, self.device
+            )
+            if len(live) > 1 and self.max_batch_size >= len(live):
+                self.max_batch_size = max(1, len(live) // 2)
+                logger.warning(
+                    "batcher %s/%s: out of memory at batch size %d; max batch size is now %d",
+                    self.model,
+                    self.modality,
+                    len(live),
+                    self.max_batch_size,
+                )
+        if len(live) > 1:
+            if not oom:
+                logger.warning(
+                    "batcher %s/%s: a batch of %d failed (%s: %s); retrying in halves",
+                    self.model,
+                    self.modality,
+                    len(live),
+                    type(exc).__name__,
+                    exc,
+                )
+            middle = len(live) // 2
+            await self._execute(live[:middle])
+            await self._execute(live[middle:])
+            return
+        if oom:
+            message = (
+                f"model '{self.model}' ran out of device memory on a single {self.modality} input"
+            )
+            logger.error("batcher %s/%s: %s", self.model, self.modality, message)
+        else:
+            message = (
+                f"inference failed for model '{self.model}' ({self.modality}): {type(exc).__name__}"
+            )
+            logger.error(
+                "batcher %s/%s: forward pass failed", self.model, self.modality, exc_info=exc
+            )
+        self._settle(live[0], error=InferenceError(message))
+
+    async def _forward(self, payloads: list[P]) -> Results[R]:
+        loop = asyncio.get_running_loop()
+        model_input: Any = payloads
+        if self._prepare is not None:
+            model_input = await loop.run_in_executor(self._cpu_executor, self._prepare, payloads)
+        started = loop.time()
+        outputs = await loop.run_in_executor(self._device_executor, self._run, model_input)
+        elapsed = loop.time() - started
+        self._m_forward.observe(elapsed)
+        self._m_forward_size.observe(len(payloads))
+        rate = len(payloads) / max(elapsed, 1e-6)
+        self.drain_rate = (
+            rate
+            if self.drain_rate is None
+            else (1 - _RATE_SMOOTHING) * self.drain_rate + _RATE_SMOOTHING * rate
+        )
+        return outputs
+
+    def _settle(
+        self, item: _Item[P, R], *, result: R | None = None, error: ClipServeError | None = None
+    ) -> None:
+        """Give the item its one outcome (unless its caller already gave up on it)."""
+        if item.timer is not None:
+            item.timer.cancel()
+        if item.future.done():
+            return
+        if error is not None:
+            item.future.set_exception(error)
+            outcome = "timeout" if isinstance(error, InferenceTimeoutError) else "error"
+        else:
+            item.future.set_result(result)  # type: ignore[arg-type]
+            outcome = "ok"
+            self.items_done += 1
+        self._m_requests.labels(self.model, self.modality, outcome).inc()
+        self._m_latency.observe(asyncio.get_running_loop().time() - item.enqueued_at)
+
+    def _notify_idle(self) -> None:
+        if not self._items and not self._running:
+            _wake(self._idle)
+        elif self._closing:
+            _wake(self._idle)  # the drain loop re-checks
+
+    def stats(self) -> QueueStats:
+        return QueueStats(
+            model=self.model,
+            modality=self.modality,
+            device=self.device,
+            size=len(self._items),
+            max_batch_size=self.max_batch_size,
+            batches=self.batches,
+            items=self.items_done,
+            drain_rate=self.drain_rate,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    accepting: bool
+    queue_size: int
+    inflight_batches: int
+    queues: tuple[QueueStats, ...]
+
+
+class Batcher:
+    """All queues and device slots of one engine."""
+
+    def __init__(
+        self, settings: BatchingSettings, metrics: Metrics, cpu_executor: Executor
+    ) -> None:
+        self.settings = settings
+        self._metrics = metrics
+        self._cpu_executor = cpu_executor
+        self._queues: dict[tuple[Hashable, str], BatchQueue[Any, Any]] = {}
+        self._slots: dict[str, DeviceSlots] = {}
+        self.accepting = True
+
+    def queue(
+        self,
+        owner: Hashable,
+        *,
+        model: str,
+        modality: str,
+        device: str,
+        device_executor: Executor,
+        run: Callable[[Any], Results[R]],
+        prepare: Callable[[list[P]], Any] | None = None,
+        probe: Callable[[], int] | None = None,
+    ) -> BatchQueue[P, R]:
+        """The queue of ``owner`` (a loaded model) for one modality, created on first use."""
+        key = (owner, modality)
+        queue = self._queues.get(key)
+        if queue is None:
+            if not self.accepting:
+                raise EngineNotReadyError("the server is shutting down and accepts no new work")
+            slots = self._slots.get(device)
+            if slots is None:
+                limit = self.settings.concurrent_batches(device)
+                slots = self._slots[device] = DeviceSlots(device, limit, self._metrics)
+            queue = BatchQueue[P, R](
+                model=model,
+                modality=modality,
+                run=run,
+                prepare=prepare,
+                device_executor=device_executor,
+                cpu_executor=self._cpu_executor,
+                slots=slots,
+                settings=self.settings,
+                metrics=self._metrics,
+                probe=probe,
+            )
+            queue.start()
+            self._queues[key] = queue
+        return queue
+
+    async def discard(self, owner: Hashable) -> None:
+        """Close the queues of a model being unloaded (they are empty: no request leases it)."""
+        keys = [key for key in self._queues if key[0] is owner]
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        for key in keys:
+            await self._queues.pop(key).close(deadline)
+
+    async def close(self) -> None:
+        """Graceful shutdown: refuse new work, drain within ``drain_timeout``, fail what is left."""
+        self.accepting = False
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        queues, self._queues = list(self._queues.values()), {}
+        await asyncio.gather(*(queue.close(deadline) for queue in queues))
+
+    def stats(self) -> BatcherStats:
+        queues = tuple(queue.stats() for queue in self._queues.values())
+        return BatcherStats(
+            accepting=self.accepting,
+            queue_size=sum(q.size for q in queues),
+            inflight_batches=sum(s.inflight for s in self._slots.values()),
+            queues=queues,
+        )
