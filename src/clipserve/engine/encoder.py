@@ -105,56 +105,48 @@ class Encoder:
     # --- queues --------------------------------------------------------------------------------
 
     def queue(self, handle: ModelHandle, modality: Modality) -> BatchQueue[Any, Any]:
+        """The model's queue for one modality (created, and on CUDA probed, on first use)."""
         backend = handle.backend
-        limit = self._settings.batching.max_batch_size
+        run: Callable[[Any], Any]
+        prepare: Callable[[list[Any]], Any] | None
+        dummy: Callable[[int], object]
         if modality == "image":
+            size = backend.info.image_size or 224
 
-            def encode_images(pixels: list[torch.Tensor]) -> torch.Tensor:
+            def run(pixels: list[torch.Tensor]) -> torch.Tensor:
                 # Stacked on the device thread: a torch op elsewhere would start an OpenMP team
                 # that competes with the encoder's.
                 return backend.encode_images(torch.stack(pixels))
 
-            def probe_images() -> int:
-                size = backend.info.image_size or 224
-                return probe_batch_size(
-                    handle.device,
-                    lambda n: backend.encode_images(torch.zeros(n, 3, size, size)),
-                    limit,
-                )
+            prepare = None
 
-            return self._batcher.queue(
-                handle,
-                model=handle.name,
-                modality="image",
-                device=handle.device,
-                device_executor=handle.executor,
-                run=encode_images,
-                probe=probe_images,
-            )
+            def dummy(n: int) -> object:
+                return backend.encode_images(torch.zeros(n, 3, size, size))
 
-        def encode_texts(tokens: TokenizedTexts) -> list[TextOutcome]:
-            vectors = backend.encode_texts(tokens)
-            return [
-                TextOutcome(vectors[i], tokens.truncated[i], tokens.token_counts[i])
-                for i in range(len(tokens))
-            ]
+        else:
 
-        def probe_texts() -> int:
-            return probe_batch_size(
-                handle.device,
-                lambda n: backend.encode_texts(backend.tokenize([_PROBE_TEXT] * n)),
-                limit,
-            )
+            def run(tokens: TokenizedTexts) -> list[TextOutcome]:
+                vectors = backend.encode_texts(tokens)
+                return [
+                    TextOutcome(vectors[i], tokens.truncated[i], tokens.token_counts[i])
+                    for i in range(len(tokens))
+                ]
 
+            prepare = backend.tokenize
+
+            def dummy(n: int) -> object:
+                return backend.encode_texts(backend.tokenize([_PROBE_TEXT] * n))
+
+        limit = self._settings.batching.max_batch_size
         return self._batcher.queue(
             handle,
             model=handle.name,
-            modality="text",
+            modality=modality,
             device=handle.device,
             device_executor=handle.executor,
-            run=encode_texts,
-            prepare=backend.tokenize,
-            probe=probe_texts,
+            run=run,
+            prepare=prepare,
+            probe=lambda: probe_batch_size(handle.device, dummy, limit),
         )
 
     async def admit(

@@ -167,6 +167,11 @@ class Engine:
             self._watcher = asyncio.create_task(self.registry.watch(interval), name="config-watch")
         if self.settings.preload:
             await self.registry.preload()
+            for status in self.registry.statuses():
+                if status.loaded:  # create the queues now: on CUDA they probe the batch size
+                    handle = await self.registry.get(status.name)
+                    for modality in sorted(handle.info.modalities):
+                        self.encoder.queue(handle, modality)
 
     async def close(self) -> None:
         """Graceful: refuse new work, drain the batcher, then unload models and stop threads."""
@@ -395,36 +400,33 @@ class Engine:
         batch_size: int | None,
         where: Where | None,
     ) -> Embeddings:
-        window = self._window(batch_size)
-        texts = [c.value for c in inputs if c.modality == "text"]
+        name_of = where or _input
+        texts: list[str] = []
+        for i, content in enumerate(inputs):
+            if content.modality == "text":
+                if not isinstance(content.value, str):
+                    raise InvalidInputError(f"{name_of(i)}: a text input must be a string")
+                texts.append(content.value)
         images = [c.value for c in inputs if c.modality == "image"]
+        window = self._window(batch_size)
         text_out: dict[str, TextOutcome | ClipServeError] = {}
         image_out: dict[str, torch.Tensor | ClipServeError] = {}
         await asyncio.gather(
-            self.encoder.texts(
-                handle,
-                [t for t in texts if isinstance(t, str)],
-                deadline=deadline,
-                window=window,
-                out=text_out,
-            ),
+            self.encoder.texts(handle, texts, deadline=deadline, window=window, out=text_out),
             self.encoder.images(handle, images, deadline=deadline, window=window, out=image_out),
         )
         rows: list[torch.Tensor] = []
         counts: list[int] = []
         truncated: list[bool] = []
         for i, content in enumerate(inputs):
-            outcome: TextOutcome | torch.Tensor | ClipServeError
-            if content.modality == "text":
-                if not isinstance(content.value, str):
-                    raise InvalidInputError(
-                        f"{(where or _input)(i)}: a text input must be a string"
-                    )
-                outcome = text_out[content.value]
-            else:
-                outcome = image_out[image_key(content.value)]
+            value = content.value
+            outcome = (
+                text_out[value]
+                if content.modality == "text" and isinstance(value, str)
+                else image_out[image_key(value)]
+            )
             if isinstance(outcome, ClipServeError):
-                raise _indexed(outcome, (where or _input)(i)) if len(inputs) > 1 else outcome
+                raise _indexed(outcome, name_of(i)) if len(inputs) > 1 else outcome
             if isinstance(outcome, TextOutcome):
                 rows.append(outcome.embedding)
                 counts.append(outcome.token_count)

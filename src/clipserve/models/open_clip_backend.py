@@ -153,6 +153,47 @@ class _PilThenNumpy:
         return torch.from_numpy((chw - self._mean) / self._std)
 
 
+def _can_trim_text(model: Any) -> bool:
+    """Whether the text tower may run on the batch's used length instead of the full context.
+
+    True for open_clip's own CLIP text tower with a causal mask, pooled at the end-of-text token:
+    each position attends only to earlier ones, so the padding after the longest text's EOT cannot
+    change the pooled feature, and cutting it off is exact (and several times cheaper for short
+    prompts). SigLIP-style towers (no causal mask, last-token pooling) and HF towers keep the full
+    context."""
+    import open_clip
+
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+    )
+
+
+def _encode_text_trimmed(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` on ``ids[:, :used]``, ``used`` = the last EOT + 1."""
+    if model.text_pool_type == "eos":
+        ends = (ids == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        ends = ids.argmax(dim=-1)
+    used = int(ends.max()) + 1
+    ids = ids[:, :used]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(ids).to(cast_dtype)
+    x = x + model.positional_embedding[:used].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:used, :used])
+    x = model.ln_final(x)
+    rows = torch.arange(x.shape[0], device=x.device)
+    pooled: torch.Tensor = x[rows, ends]
+    projection = model.text_projection
+    if projection is None:
+        return pooled
+    projected: torch.Tensor = (
+        projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+    )
+    return projected
+
+
 class OpenClipBackend:
     """An open_clip model on one device. Build it with :meth:`load`."""
 
@@ -181,6 +222,7 @@ class OpenClipBackend:
         if isinstance(image_size, tuple | list):
             image_size = image_size[0]
         params, memory = module_footprint(model)
+        self._trimmable = _can_trim_text(model)
         self._info = BackendInfo(
             backend="open_clip",
             architecture="siglip" if self._logit_bias is not None else "clip",
@@ -270,8 +312,13 @@ class OpenClipBackend:
     def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
         if len(tokens) == 0:
             return torch.zeros((0, self._info.embed_dim))
+        model = self._live_model()
+        ids = tokens.inputs["input_ids"]
         with torch.inference_mode():
-            features = self._live_model().encode_text(tokens.inputs["input_ids"].to(self._device))
+            if self._trimmable:
+                features = _encode_text_trimmed(model, ids.to(self._device))
+            else:
+                features = model.encode_text(ids.to(self._device))
             return normalize(features.float(), dim=-1).cpu()
 
     def _live_model(self) -> Any:

@@ -409,3 +409,13 @@ async def test_unloading_a_model_closes_its_queues(
     write_config(fake_models)
     await engine.registry.reload()
     assert not any(q.model == "accurate" for q in engine.batcher.stats().queues)
+
+
+async def test_preload_creates_the_queues_and_probes_them(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    engine = engine_for(make_settings(preload=True))
+    await engine.start()
+    queues = {(q.model, q.modality) for q in engine.batcher.stats().queues}
+    assert {("fast", "image"), ("fast", "text"), ("minilm", "text")} <= queues
+    assert all(q.max_batch_size == 32 for q in engine.batcher.stats().queues)  # CPU: as set

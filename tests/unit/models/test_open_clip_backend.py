@@ -233,3 +233,24 @@ def test_numpy_tail_is_bit_identical_to_open_clips_transform(
 
 def test_backend_uses_the_numpy_tail(backend: OpenClipBackend) -> None:
     assert isinstance(backend._preprocess, _PilThenNumpy)
+
+
+def test_text_runs_on_the_used_length_and_equals_the_full_context(
+    backend: OpenClipBackend, texts: list[str], long_text: str
+) -> None:
+    batch = [*texts, "x", long_text]  # short, one-word and truncated texts in one batch
+    tokens = backend.tokenize(batch)
+    with torch.inference_mode():
+        full = backend._live_model().encode_text(tokens.inputs["input_ids"])  # noqa: SLF001
+    expected = torch.nn.functional.normalize(full.float(), dim=-1)
+    assert backend._trimmable  # noqa: SLF001
+    torch.testing.assert_close(backend.encode_texts(tokens), expected, atol=1e-6, rtol=0)
+    short = backend.tokenize(texts[:1])
+    with torch.inference_mode():
+        full_short = backend._live_model().encode_text(short.inputs["input_ids"])  # noqa: SLF001
+    torch.testing.assert_close(
+        backend.encode_texts(short),
+        torch.nn.functional.normalize(full_short.float(), dim=-1),
+        atol=1e-6,
+        rtol=0,
+    )

@@ -49,8 +49,9 @@ async def evaluate_single(body: EvaluationRequest, engine: EngineDep) -> Evaluat
 async def evaluate_batch(
     body: BatchEvaluationRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
 ) -> BatchEvaluationResponse:
-    """Score many pairs in forward passes of up to `batch_size`. A failing item gets
-    `clip_score: null` and its `error`; the others succeed. Results keep request order."""
+    """Score many pairs through the batcher (`batch_size` sets how far ahead they are prepared). A
+    failing item gets `clip_score: null` and its `error`; the others succeed. Results keep request
+    order."""
     limit = settings.server.max_batch_items
     if len(body.evaluations) > limit:
         raise InvalidInputError(

@@ -13,18 +13,21 @@ from clipserve.api.schemas.system import (
     ServiceHealth,
 )
 from clipserve.engine.engine import Engine
-from clipserve.engine.registry import ModelState
+from clipserve.engine.registry import ModelStatus
 from clipserve.errors import ModelLoadError, ModelNotFoundError
 from clipserve.models.loader import resolve_device
 
 router = APIRouter(tags=["system"])
 
 
-def _device(engine: Engine) -> str:
+def _default_model(engine: Engine) -> ModelStatus | None:
     try:
-        status = engine.registry.status(engine.settings.default_model)
+        return engine.registry.status(engine.settings.default_model)
     except ModelNotFoundError:
-        status = None
+        return None
+
+
+def _device(engine: Engine, status: ModelStatus | None) -> str:
     if status is not None and status.device:
         return status.device
     requested = (status.spec.device if status else None) or engine.settings.device
@@ -76,16 +79,12 @@ async def health(engine: EngineDep) -> JSONResponse:
     """The batcher and the default model; 503 (with the reason in `error`) when not ready."""
     readiness = engine.readiness()
     stats = engine.batcher.stats()
-    name = engine.settings.default_model
-    try:
-        state: ModelState | None = engine.registry.status(name).state
-    except ModelNotFoundError:
-        state = None
+    status = _default_model(engine)
     body = ServiceHealth(
         status="healthy" if readiness.ready else "unhealthy",
-        model=name,
-        model_state=state.value if state else None,
-        device=_device(engine),
+        model=engine.settings.default_model,
+        model_state=status.state.value if status else None,
+        device=_device(engine, status),
         queue_size=stats.queue_size,
         inflight_batches=stats.inflight_batches,
         batch_processing=_batch_processing(engine),

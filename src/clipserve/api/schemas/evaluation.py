@@ -67,7 +67,16 @@ class BatchEvaluationRequest(BaseModel):
     )
 
     evaluations: list[EvaluationRequest] = Field(min_length=1)
-    batch_size: int = Field(default=32, ge=1, le=1024, description="Items per forward pass.")
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description=(
+            "Pipelining window: up to 2 x batch_size of this request's pairs are fetched, decoded "
+            "and queued ahead. Forward passes are formed by the server's batcher (max_batch_size), "
+            "shared with concurrent requests."
+        ),
+    )
     show_progress: bool = Field(default=True, description="Log progress on the server.")
 
 
