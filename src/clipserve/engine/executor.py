@@ -48,7 +48,7 @@ class Executors:
             executor = self._devices.get(device)
             if executor is None:
                 executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"clipserve-{device.replace(':', '')}"
+                    max_workers=1, thread_name_prefix=f"clipserve-device-{device.replace(':', '')}"
                 )
                 self._devices[device] = executor
             return executor
