@@ -92,6 +92,9 @@ def serve(
     request_timeout: Annotated[
         float | None, typer.Option(help="Seconds before a request is answered 504 (300).")
     ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="Require API keys: a file of hashes (clipserve hash-key).")
+    ] = None,
 ) -> None:
     """Start the HTTP service."""
     import uvicorn
@@ -104,6 +107,7 @@ def serve(
         preload=preload,
         server={"host": host, "port": port, "log_level": log_level},
         media={"media_root": media_root},
+        auth={"api_keys_file": api_keys_file},
         batching={
             "max_batch_size": max_batch_size,
             "batch_timeout": batch_timeout,
@@ -129,6 +133,22 @@ def serve(
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
+
+
+@app.command("hash-key")
+def hash_key_command(
+    key: Annotated[str, typer.Argument(help="The API key to hash (or - to read it from stdin).")],
+) -> None:
+    """Print the hash of an API key, for `auth.api_keys` or the key file."""
+    import sys
+
+    from clipserve.api.security import hash_key
+
+    secret = sys.stdin.readline().strip() if key == "-" else key
+    if not secret:
+        console.print("[red]error:[/red] the key is empty")
+        raise typer.Exit(2)
+    typer.echo(hash_key(secret))
 
 
 @app.command("models")

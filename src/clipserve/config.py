@@ -133,11 +133,64 @@ class MediaSettings(BaseModel):
     allow_private_urls: bool = Field(
         default=False, description="allow URLs resolving to loopback/private/link-local addresses"
     )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="if set, only these URL hosts are fetched (every redirect hop): "
+        "'images.example.com' exactly, or '*.example.com' for any subdomain (not the apex)",
+    )
+    denied_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="URL hosts never fetched (every hop); same patterns as allowed_hosts",
+    )
+    allowed_networks: tuple[str, ...] = Field(
+        default=(),
+        description="CIDRs fetched from although not public, e.g. an internal image store",
+    )
+    denied_networks: tuple[str, ...] = Field(
+        default=(),
+        description="CIDRs never fetched from, besides the non-public ones; "
+        "also when allow_private_urls is set",
+    )
     media_root: Path | None = Field(
         default=None, description="local image paths are served only from under this folder"
     )
     decode_workers: int | None = Field(default=None, gt=0, description="default: CPU count")
     user_agent: str = "clipserve/0.1 (+https://github.com/clipserve/clipserve)"
+
+    @field_validator("allowed_hosts", "denied_hosts")
+    @classmethod
+    def _normalize_host_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        """Lower-case and without a trailing dot; IP addresses in their standard form."""
+        import ipaddress
+
+        normalized = []
+        for pattern in patterns:
+            entry = pattern.lower().removesuffix(".")
+            try:
+                entry = str(ipaddress.ip_address(entry.strip("[]")))
+            except ValueError:
+                if not re.fullmatch(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*", entry):
+                    raise ValueError(
+                        f"invalid host pattern {pattern!r}: use an ASCII host name like "
+                        "'images.example.com', or '*.example.com' for any subdomain"
+                    ) from None
+            normalized.append(entry)
+        return tuple(normalized)
+
+    @field_validator("allowed_networks", "denied_networks")
+    @classmethod
+    def _normalize_networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        normalized = []
+        for network in networks:
+            try:
+                normalized.append(str(ipaddress.ip_network(network.strip())))
+            except ValueError as exc:
+                raise ValueError(
+                    f"invalid network {network!r} ({exc}): use CIDR notation like '10.1.2.0/24'"
+                ) from None
+        return tuple(normalized)
 
 
 class ServerSettings(BaseModel):
@@ -146,8 +199,16 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    max_batch_items: int = Field(default=1000, gt=0, description="evaluations per batch request")
+    max_batch_items: int = Field(
+        default=1000, gt=0, description="inputs per request (evaluations, texts, documents...)"
+    )
+    max_images_per_request: int = Field(
+        default=1000, gt=0, description="distinct images one request may fetch and decode"
+    )
     max_prompt_chars: int = Field(default=10_000, gt=0)
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="request body size; larger bodies get 413"
+    )
 
 
 class BatchingSettings(BaseModel):
@@ -237,6 +298,84 @@ class _BatchingEnvSource(PydanticBaseSettingsSource):
         return {"batching": values} if values else {}
 
 
+_KEY_HASH_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+
+
+class AuthSettings(BaseModel):
+    """Optional API keys. Keys are stored hashed: ``sha256:<hex>`` (``clipserve hash-key KEY``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_keys: tuple[str, ...] = Field(
+        default=(), description="hashed keys, 'sha256:<64 hex>'; any key set turns auth on"
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="a file of hashed keys, one per line ('#' comments)"
+    )
+    public_health: bool = Field(
+        default=True, description="health, readiness and metrics answer without a key"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_hashes(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not _KEY_HASH_RE.match(key.strip().lower()):
+                raise ValueError(
+                    "api_keys hold hashes ('sha256:<64 hex digits>', from `clipserve hash-key`), "
+                    "not keys"
+                )
+        return tuple(key.strip().lower().removeprefix("sha256:") for key in keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys) or self.api_keys_file is not None
+
+
+class RateLimitSettings(BaseModel):
+    """Per API key (or per client IP without auth) limits on requests and on items."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: str | None = Field(
+        default=None, description="e.g. '20/second;600/minute' (None: no request limit)"
+    )
+    items: str | None = Field(
+        default=None, description="inputs (pairs, texts, images, documents) e.g. '2000/minute'"
+    )
+    storage_url: str = Field(
+        default="memory://", description="memory:// (one process) or redis://host:6379/0 (shared)"
+    )
+    trust_forwarded_for: bool = Field(
+        default=False,
+        description="key clients by the first X-Forwarded-For address (behind a proxy)",
+    )
+
+    @field_validator("requests", "items")
+    @classmethod
+    def _check_rates(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '10/second;100/minute': {value!r}") from exc
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        if not value.startswith(("memory://", "redis://", "rediss://", "async+redis://")):
+            raise ValueError("storage_url must be memory://, redis://... or rediss://...")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests is not None or self.items is not None
+
+
 class _ModelEnvSource(PydanticBaseSettingsSource):
     """Collects ``MODEL_CONFIG_<NAME>`` variables into ``model_overrides`` (name lower-cased)."""
 
@@ -295,6 +434,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @field_validator("device")
     @classmethod

@@ -1,8 +1,7 @@
 """The one exception hierarchy of clipserve.
 
 These errors say *what* went wrong in domain terms; they know nothing about HTTP. The single place
-that
-turns them into status codes and response bodies is :mod:`clipserve.api.errors`.
+that turns them into status codes and response bodies is :mod:`clipserve.api.errors`.
 """
 
 from __future__ import annotations
@@ -112,6 +111,22 @@ class MediaFetchError(MediaError):
 
 class MediaUpstreamError(MediaFetchError):
     """The image origin failed (network error, timeout, 5xx) even after retries."""
+
+
+# --- access
+# ----------------------------------------------------------------------------------------
+
+
+class AuthenticationError(ClipServeError):
+    """API keys are required and the request has none, or a wrong one."""
+
+
+class RateLimitedError(ClipServeError):
+    """The client (API key or address) exceeded its request or item rate."""
+
+    def __init__(self, message: str, *, retry_after_s: float, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_s = retry_after_s
 
 
 # --- engine

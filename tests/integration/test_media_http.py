@@ -29,12 +29,14 @@ class Origin:
     base_url: str = ""
     hits: Counter[str] = field(default_factory=Counter)
     client_ports: set[int] = field(default_factory=set)
+    host_headers: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def hit(self, path: str, client_port: int) -> int:
+    def hit(self, path: str, client_port: int, host_header: str) -> int:
         with self.lock:
             self.client_ports.add(client_port)
+            self.host_headers.append(host_header)
             self.hits[path] += 1
             return self.hits[path]
 
@@ -54,7 +56,7 @@ def make_handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802
-            count = origin.hit(self.path, self.client_address[1])
+            count = origin.hit(self.path, self.client_address[1], self.headers.get("Host", ""))
             if self.path == "/photo.jpg":
                 self.send_body(200, origin.jpeg)
             elif self.path == "/flaky.jpg":
@@ -196,3 +198,20 @@ async def test_default_settings_refuse_the_loopback_server(origin: Origin, host:
     assert str(caught.value).startswith(f"image URL refused: host '{host}' ")
     assert "a loopback address; set media.allow_private_urls to allow it" in str(caught.value)
     assert origin.hits == Counter()
+
+
+async def test_allowed_network_is_fetched_at_the_checked_address(origin: Origin) -> None:
+    lookups: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return ["127.0.0.1"]  # `images.test` exists nowhere else
+
+    port = origin.base_url.rsplit(":", 1)[1]
+    url = f"http://images.test:{port}/redirect"
+    settings = MediaSettings(allowed_networks=("127.0.0.0/8",), retry_backoff_s=0.01)
+    async with UrlFetcher(settings, resolver=resolver) as fetcher:
+        assert await fetcher.fetch(url) == origin.jpeg
+    assert lookups == ["images.test", "images.test"]  # each hop, resolved by us only
+    assert origin.host_headers == [f"images.test:{port}"] * 2
+    assert origin.hits == Counter({"/redirect": 1, "/photo.jpg": 1})

@@ -220,3 +220,59 @@ def test_bad_wait_time_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("BATCH_WAIT_TIME_MS", "soon")
     with pytest.raises(ConfigError, match="BATCH_WAIT_TIME_MS must be a number"):
         Settings()
+
+
+def test_media_host_patterns_and_networks_are_normalized() -> None:
+    from clipserve.config import MediaSettings
+
+    media = MediaSettings(
+        allowed_hosts=("Images.Example.COM.", "*.CDN.example", "[::1]"),
+        denied_networks=("10.1.2.0/24", " fd00::/8 ", "10.0.0.5"),
+    )
+    assert media.allowed_hosts == ("images.example.com", "*.cdn.example", "::1")
+    assert media.denied_networks == ("10.1.2.0/24", "fd00::/8", "10.0.0.5/32")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["", "*", "*.", "a..b", "exa mple.com", "a.*.com", "http://x.com", "x.com:8080", "bücher.de"],
+)
+@pytest.mark.parametrize("name", ["allowed_hosts", "denied_hosts"])
+def test_bad_media_host_patterns_are_refused(name: str, pattern: str) -> None:
+    from pydantic import ValidationError
+
+    from clipserve.config import MediaSettings
+
+    with pytest.raises(ValidationError) as caught:
+        MediaSettings(**{name: (pattern,)})
+    assert f"invalid host pattern {pattern!r}: use an ASCII host name" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("network", "why"),
+    [
+        ("10.1.2.0/33", "does not appear to be an IPv4 or IPv6 network"),
+        ("10.1.2.3/24", "has host bits set"),
+        ("intranet", "does not appear to be an IPv4 or IPv6 network"),
+        ("", "does not appear to be an IPv4 or IPv6 network"),
+    ],
+)
+@pytest.mark.parametrize("name", ["allowed_networks", "denied_networks"])
+def test_bad_media_networks_are_refused(name: str, network: str, why: str) -> None:
+    from pydantic import ValidationError
+
+    from clipserve.config import MediaSettings
+
+    with pytest.raises(ValidationError) as caught:
+        MediaSettings(**{name: (network,)})
+    assert f"invalid network {network!r} (" in str(caught.value)
+    assert f"{why}): use CIDR notation like '10.1.2.0/24'" in str(caught.value)
+
+
+def test_media_lists_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPSERVE_MEDIA__ALLOWED_HOSTS", '["*.Example.com"]')
+    monkeypatch.setenv("CLIPSERVE_MEDIA__DENIED_NETWORKS", '["10.0.0.0/8"]')
+    media = Settings().media
+    assert media.allowed_hosts == ("*.example.com",)
+    assert media.denied_networks == ("10.0.0.0/8",)
+    assert media.allowed_networks == media.denied_hosts == ()

@@ -6,12 +6,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from clipserve import __version__
 from clipserve.api.errors import register_error_handlers
-from clipserve.api.middleware import CancelOnDisconnectMiddleware, RequestContextMiddleware
+from clipserve.api.middleware import (
+    BodyLimitMiddleware,
+    CancelOnDisconnectMiddleware,
+    RequestContextMiddleware,
+)
 from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
+from clipserve.api.security import Security, guard
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
@@ -52,9 +57,12 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(guard)],  # API keys and rate limits, on every route
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.security = Security(settings.auth, settings.rate_limit, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
     register_error_handlers(app)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from clipserve.api.security import InputBudget, input_budget
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.observability.metrics import Metrics
@@ -29,3 +30,5 @@ def get_metrics(request: Request) -> Metrics:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+InputsDep = Annotated[InputBudget, Depends(input_budget)]
+"""``await admit(n, what)``: the per-request input limit and the caller's item rate limit."""

@@ -36,6 +36,8 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.ModelUnavailableError, 503),
     (e.EngineNotReadyError, 503),
     (e.QueueFullError, 429),
+    (e.RateLimitedError, 429),
+    (e.AuthenticationError, 401),
     (e.InferenceTimeoutError, 504),
     (e.ConfigError, 422),
     (e.InferenceError, 500),
@@ -66,6 +68,8 @@ _OPENAI_CODES: tuple[tuple[type[e.ClipServeError], str], ...] = (
     (e.ModelNotFoundError, "model_not_found"),
     (e.ModelUnavailableError, "model_unavailable"),
     (e.QueueFullError, "rate_limit_exceeded"),
+    (e.RateLimitedError, "rate_limit_exceeded"),
+    (e.AuthenticationError, "invalid_api_key"),
     (e.InferenceTimeoutError, "timeout"),
     (e.MediaError, "invalid_image"),
 )
@@ -105,11 +109,14 @@ def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": message, "detail": jsonable_encoder(detail)}
 
 
-def _retry_after(exc: e.ClipServeError) -> dict[str, str]:
+def _headers(exc: e.ClipServeError) -> dict[str, str]:
+    headers = {}
     seconds = getattr(exc, "retry_after_s", None)
-    if seconds is None:
-        return {}
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    if seconds is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+    if isinstance(exc, e.AuthenticationError):
+        headers["WWW-Authenticate"] = 'Bearer realm="clipserve"'
+    return headers
 
 
 def _request_id(request: Request) -> str | None:
@@ -122,7 +129,7 @@ async def _clipserve_error(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
     code = next((c for cls, c in _OPENAI_CODES if isinstance(exc, cls)), None)
-    return _respond(request, status, exc.message, exc.detail, code=code, headers=_retry_after(exc))
+    return _respond(request, status, exc.message, exc.detail, code=code, headers=_headers(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.observability.metrics import Metrics
@@ -123,3 +124,40 @@ class CancelOnDisconnectMiddleware:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413, without buffering them: a declared
+    ``Content-Length`` over the limit is refused at the first read, and a body that streams past
+    the limit (chunked, or a lying header) is cut off there. The error is raised from ``receive``,
+    so it reaches the app's one error mapping like any other."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> HTTPException:
+        return HTTPException(
+            413, f"request body{size} is over the limit of {self.max_bytes} bytes (max_body_bytes)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        over = declared.isdigit() and int(declared) > self.max_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            if over:
+                raise self._too_large(f" of {int(declared)} bytes")
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large("")
+            return message
+
+        await self.app(scope, limited_receive, send)

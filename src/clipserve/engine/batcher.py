@@ -55,6 +55,19 @@ class Results(Protocol[R_co]):
 
 _RATE_SMOOTHING = 0.3
 """Weight of the newest batch in the drain-rate moving average."""
+FAILING_AFTER = 3
+"""Consecutive failed inputs (each isolated by splitting) after which a queue reports failing."""
+
+
+def contained(func: Callable[[Any], R], arg: Any) -> R:
+    """Run model code on a worker thread so that not even ``SystemExit`` or ``KeyboardInterrupt``
+    raised there can escape into the event loop (where it would stop the server)."""
+    try:
+        return func(arg)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"the worker thread raised {type(exc).__name__}") from exc
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
@@ -117,6 +130,12 @@ class QueueStats:
     items: int
     drain_rate: float | None
     """Items per second of recent batches (a moving average); None before the first batch."""
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_failure_at: float | None = None
+    """Event-loop time of the last failed input."""
+    running_for_s: float = 0.0
+    """How long the oldest batch in flight has been running."""
 
 
 class BatchQueue(Generic[P, R]):
@@ -162,6 +181,10 @@ class BatchQueue(Generic[P, R]):
         self.batches = 0
         self.items_done = 0
         self.drain_rate: float | None = None
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self.last_failure_at: float | None = None
+        self._started: dict[asyncio.Task[None], float] = {}
         labels = (model, modality)
         self._m_requests = metrics.batcher_requests_total
         self._m_latency = metrics.batcher_request_latency_seconds.labels(*labels)
@@ -296,6 +319,7 @@ class BatchQueue(Generic[P, R]):
                     self._notify_idle()
                     continue
                 task = asyncio.create_task(self._run_batch(batch))
+                self._started[task] = asyncio.get_running_loop().time()
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             except asyncio.CancelledError:
@@ -392,7 +416,9 @@ class BatchQueue(Generic[P, R]):
                 self._settle(item, error=gone)
             raise
         finally:
-            self._running.discard(asyncio.current_task())
+            task = asyncio.current_task()
+            self._running.discard(task)
+            self._started.pop(task, None)  # type: ignore[arg-type]
             self._slots.release()
             self.batches += 1
             self._m_infer.observe(loop.time() - started)
@@ -420,6 +446,7 @@ class BatchQueue(Generic[P, R]):
             for item in live:
                 self._settle(item, error=error)
             return
+        self.consecutive_failures = 0
         for item, output in zip(live, outputs, strict=True):
             self._settle(item, result=output)
 
@@ -465,15 +492,22 @@ class BatchQueue(Generic[P, R]):
             logger.error(
                 "batcher %s/%s: forward pass failed", self.model, self.modality, exc_info=exc
             )
+        self.consecutive_failures += 1
+        self.last_error = message
+        self.last_failure_at = asyncio.get_running_loop().time()
         self._settle(live[0], error=InferenceError(message))
 
     async def _forward(self, payloads: list[P]) -> Results[R]:
         loop = asyncio.get_running_loop()
         model_input: Any = payloads
         if self._prepare is not None:
-            model_input = await loop.run_in_executor(self._cpu_executor, self._prepare, payloads)
+            model_input = await loop.run_in_executor(
+                self._cpu_executor, contained, self._prepare, payloads
+            )
         started = loop.time()
-        outputs = await loop.run_in_executor(self._device_executor, self._run, model_input)
+        outputs = await loop.run_in_executor(
+            self._device_executor, contained, self._run, model_input
+        )
         elapsed = loop.time() - started
         self._m_forward.observe(elapsed)
         self._m_forward_size.observe(len(payloads))
@@ -510,6 +544,7 @@ class BatchQueue(Generic[P, R]):
             _wake(self._idle)  # the drain loop re-checks
 
     def stats(self) -> QueueStats:
+        now = asyncio.get_running_loop().time()
         return QueueStats(
             model=self.model,
             modality=self.modality,
@@ -519,6 +554,10 @@ class BatchQueue(Generic[P, R]):
             batches=self.batches,
             items=self.items_done,
             drain_rate=self.drain_rate,
+            consecutive_failures=self.consecutive_failures,
+            last_error=self.last_error,
+            last_failure_at=self.last_failure_at,
+            running_for_s=now - min(self._started.values()) if self._started else 0.0,
         )
 
 

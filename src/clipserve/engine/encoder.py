@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from clipserve.config import Settings
-from clipserve.engine.batcher import Batcher, BatchQueue
+from clipserve.engine.batcher import Batcher, BatchQueue, contained
 from clipserve.engine.capacity import probe_batch_size
 from clipserve.engine.registry import ModelHandle
 from clipserve.errors import ClipServeError, InferenceError, InvalidInputError
@@ -219,7 +219,9 @@ class Encoder:
         started = time.perf_counter()
         loaded = await self._images.load(value)
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._cpu, handle.backend.preprocess, loaded.image)
+        pixels = await loop.run_in_executor(
+            self._cpu, contained, handle.backend.preprocess, loaded.image
+        )
         self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
             time.perf_counter() - started
         )

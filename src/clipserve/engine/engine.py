@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clipserve.config import Settings
-from clipserve.engine.batcher import Batcher
+from clipserve.engine.batcher import FAILING_AFTER, Batcher
 from clipserve.engine.encoder import EmbeddingCache, Encoder, TextOutcome, image_key
 from clipserve.engine.executor import Executors, cpu_workers
 from clipserve.engine.registry import BackendLoader, ModelHandle, ModelRegistry, ModelState
@@ -209,7 +209,35 @@ class Engine:
             return Readiness(False, f"default model '{name}' failed to load: {status.error}", retry)
         if status.state is ModelState.LOADING:
             return Readiness(False, f"default model '{name}' is loading", 1.0)
+        for problem in self.queue_problems(name):
+            return Readiness(False, f"default model '{name}' {problem}", 1.0)
         return Readiness(True)
+
+    def queue_problems(self, model: str | None = None) -> list[str]:
+        """What is wrong with the batcher queues (of ``model``, or of all models), in words.
+
+        A queue is failing after ``FAILING_AFTER`` inputs in a row failed, until the retry
+        interval has passed since the last failure (then traffic may probe it again); it is stuck
+        when a batch has run longer than ``request_timeout``."""
+        now = asyncio.get_running_loop().time()
+        retry = self.settings.model_retry_interval_s
+        stuck_after = self.settings.batching.request_timeout
+        problems = []
+        for q in self.batcher.stats().queues:
+            if model is not None and q.model != model:
+                continue
+            recent = q.last_failure_at is not None and now - q.last_failure_at < retry
+            if q.consecutive_failures >= FAILING_AFTER and recent:
+                problems.append(
+                    f"is failing: {q.last_error} ({q.consecutive_failures} {q.modality} inputs "
+                    "in a row)"
+                )
+            if q.running_for_s > stuck_after:
+                problems.append(
+                    f"has had a {q.modality} batch running for {q.running_for_s:.0f} s "
+                    f"(over request_timeout {stuck_after:g} s)"
+                )
+        return problems
 
     # --- deadlines and leases ------------------------------------------------------------------
 
@@ -247,6 +275,15 @@ class Engine:
                 detail={"model": handle.name, "modalities": sorted(handle.info.modalities)},
             )
 
+    def _check_image_count(self, keys: Sequence[str]) -> None:
+        limit = self.settings.server.max_images_per_request
+        distinct = len(set(keys))
+        if distinct > limit:
+            raise InvalidInputError(
+                f"the request has {distinct} distinct images; the limit is {limit}",
+                detail={"max_images_per_request": limit},
+            )
+
     def _window(self, batch_size: int | None) -> int:
         """How many of one request's inputs are in flight at once: two batches, so the next one
         is prepared while the current one runs."""
@@ -272,6 +309,7 @@ class Engine:
 
         ``batch_size`` bounds how many of this request's pairs are prepared ahead; forward passes
         hold up to ``batching.max_batch_size`` items, shared with concurrent requests."""
+        self._check_image_count([image_key(it.image) for it in items])
         deadline = self.deadline()
         groups: dict[str, list[int]] = {}
         for index, item in enumerate(items):
@@ -365,6 +403,7 @@ class Engine:
 
         ``dimensions`` truncates (and re-normalises) the embeddings, where the model's spec says
         it was trained for that (``matryoshka_dims``); otherwise it must equal ``embed_dim``."""
+        self._check_image_count([image_key(c.value) for c in inputs if c.modality == "image"])
         name = self.resolve_model(model)
         deadline = self.deadline()
         modalities = tuple(dict.fromkeys(c.modality for c in inputs)) or ("text",)
@@ -486,6 +525,7 @@ class Engine:
                 "template must contain '{}' where the label goes, e.g. 'a photo of a {}'",
                 detail={"template": template},
             )
+        self._check_image_count([image_key(i) for i in images])
         name = self.resolve_model(model)
         deadline = self.deadline()
         prompts = [template.replace("{}", label) for label in labels]

@@ -1,26 +1,33 @@
 """Fetching image URLs: one pooled client, retries with backoff, byte caps and an SSRF guard.
 
-Every hop of a redirect chain is parsed and scheme-checked, and (unless ``allow_private_urls``) its
-host is resolved by us and refused if any address is not public. Connecting to exactly the checked
-address (DNS-rebinding protection) is not done yet: ``_check_host`` returns the addresses, so a
-pinning transport can be added there.
+Every hop of a redirect chain is parsed and scheme-checked, its host is matched against
+``media.denied_hosts`` / ``media.allowed_hosts``, and (unless ``allow_private_urls``) the host is
+resolved by us and refused if any address is not public (``media.allowed_networks`` excepted) or
+is in ``media.denied_networks``. The connection then goes to a checked address, so a second DNS
+answer cannot redirect it (DNS rebinding): the checked addresses are pinned for the request (a
+context variable) and :class:`PinnedNetworkBackend`, under httpx's connection pool, connects only
+to them, trying the next one when one cannot be connected to. URLs, ``Host`` headers, TLS server
+names, certificate checks and keep-alive pools all stay those of the host name, as without pinning.
+With ``allow_private_urls`` and no ``denied_networks``, httpx resolves and connects by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Final, Self, TypeAlias
+from typing import Any, Final, Self, TypeAlias
 from urllib.parse import unquote, urlsplit
 
+import httpcore
 import httpx
 
 from clipserve.config import MediaSettings
@@ -35,6 +42,7 @@ from clipserve.media.source import describe
 
 Resolver: TypeAlias = Callable[[str, int], Awaitable[list[str]]]
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,74 @@ _NOT_IMAGE_TYPES: Final = frozenset(
 )
 _INET_ATON_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+MAX_PINNED_ADDRESSES: Final = 4  # checked addresses tried in turn when connecting fails
+
+Pins: TypeAlias = tuple[str, tuple[str, ...]]
+"""The host a request is for, and the checked addresses its connection may go to."""
+_PINS: contextvars.ContextVar[Pins | None] = contextvars.ContextVar("clipserve_pins", default=None)
+
+
+def current_pins() -> Pins | None:
+    """The pins of the request being sent in this task (None: connect by name)."""
+    return _PINS.get()
+
+
+class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Opens TCP connections only to the addresses pinned for the current request.
+
+    httpcore opens a pool's connections in the task of the request that needs them, so the pins
+    set around ``client.send`` are the ones in force here. A connection for another host than the
+    pinned one is refused; without pins (``allow_private_urls``) the host name is used as given.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        pins = _PINS.get()
+        if pins is None:
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        pinned_host, addresses = pins
+        if host.strip("[]").lower() != pinned_host.strip("[]").lower():
+            raise httpcore.ConnectError(f"refusing to connect to unchecked host '{host[:100]}'")
+        *others, last = addresses[:MAX_PINNED_ADDRESSES]
+        for address in others:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                logger.info("connecting to %s for '%s' failed (%s)", address, host[:100], exc)
+        return await self._inner.connect_tcp(last, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("image URLs are never fetched over unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport over a pool whose connections go through the pinned backend."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(  # the only way in for a network backend
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedNetworkBackend(),
+        )
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -86,14 +162,20 @@ def parse_ip_literal(host: str) -> IPAddress | None:
     return ipaddress.IPv4Address(value * 256 ** (4 - len(head)) + last)
 
 
-def blocked_reason(ip: IPAddress) -> str | None:
-    """Why ``ip`` must not be fetched from ("a loopback", ...), or None when it is public."""
+def embedded_ipv4(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped, 6to4 or NAT64 IPv6 address wraps, else ``ip`` itself."""
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and ip in _NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
-            ip = embedded
+            return embedded
+    return ip
+
+
+def blocked_reason(ip: IPAddress) -> str | None:
+    """Why ``ip`` must not be fetched from ("a loopback", ...), or None when it is public."""
+    ip = embedded_ipv4(ip)
     checks = (
         ("a loopback", ip.is_loopback),
         ("an unspecified", ip.is_unspecified),
@@ -130,20 +212,22 @@ class UrlFetcher:
     ) -> None:
         self._settings = settings
         self._resolver: Resolver = resolver or system_resolver
+        self._allowed_networks = [ipaddress.ip_network(n) for n in settings.allowed_networks]
+        self._denied_networks = [ipaddress.ip_network(n) for n in settings.denied_networks]
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_fetches)
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        limits = httpx.Limits(
+            max_connections=settings.max_concurrent_fetches,
+            max_keepalive_connections=min(20, settings.max_concurrent_fetches),
+        )
         self._client = httpx.AsyncClient(
-            transport=transport,
+            transport=transport or _PinnedTransport(limits),
             headers={
                 "User-Agent": settings.user_agent,
                 "Accept": _ACCEPT,
                 "Accept-Encoding": "identity",  # images are compressed already; no gzip bombs
             },
             timeout=httpx.Timeout(settings.fetch_timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=settings.max_concurrent_fetches,
-                max_keepalive_connections=min(20, settings.max_concurrent_fetches),
-            ),
             follow_redirects=False,
             trust_env=False,  # no proxies or .netrc credentials from the environment
         )
@@ -217,19 +301,36 @@ class UrlFetcher:
     async def _follow(self, url: httpx.URL) -> bytes:
         current = url
         for _ in range(self._settings.max_redirects + 1):
-            if not self._settings.allow_private_urls:
-                await self._check_host(current)
-            async with self._client.stream("GET", current) as response:
+            self._check_host_name(current)
+            pinned = None
+            if not self._settings.allow_private_urls or self._denied_networks:
+                pinned = await self._check_host(current)
+            response = await self._send(current, pinned)
+            try:
                 location = response.headers.get("location")
                 if response.status_code in _REDIRECT_STATUSES and location:
                     current = self._parse(location, base=current)
                     continue
                 return await self._read(response, current)
+            finally:
+                await response.aclose()
         raise MediaFetchError(
             f"image could not be fetched: too many redirects (more than "
             f"{self._settings.max_redirects}) starting at {describe(str(url))}",
             detail={"max_redirects": self._settings.max_redirects},
         )
+
+    async def _send(self, url: httpx.URL, addresses: list[IPAddress] | None) -> httpx.Response:
+        """GET ``url`` (streamed); with ``addresses``, its connection may go only to them."""
+        request = self._client.build_request("GET", url)
+        if addresses is None:
+            return await self._client.send(request, stream=True)
+        pinned = tuple(dict.fromkeys(str(ip) for ip in addresses))
+        token = _PINS.set((url.raw_host.decode("ascii"), pinned))
+        try:
+            return await self._client.send(request, stream=True)
+        finally:
+            _PINS.reset(token)
 
     async def _read(self, response: httpx.Response, url: httpx.URL) -> bytes:
         shown = describe(str(url))
@@ -293,19 +394,35 @@ class UrlFetcher:
         return parsed
 
     def _refuse_literal_host(self, url: str) -> None:
-        if self._settings.allow_private_urls:
-            return
         try:
             host = urlsplit(url.strip()).hostname or ""
         except ValueError:
             return
         ip = parse_ip_literal(host)
-        reason = blocked_reason(ip) if ip is not None else None
-        if ip is not None and reason is not None:
-            raise _denied(host, ip, reason, literal=True)
+        if ip is not None:
+            self._check_address(host, ip, literal=True)
+
+    def _check_host_name(self, url: httpx.URL) -> None:
+        """Refuse ``url``'s host if ``media.denied_hosts`` has it or ``media.allowed_hosts``
+        (when set) has not."""
+        host = url.raw_host.decode("ascii")
+        ip = parse_ip_literal(host)
+        key = str(ip) if ip is not None else host.lower().removesuffix(".")
+        settings = self._settings
+        if any(_host_matches(key, pattern) for pattern in settings.denied_hosts):
+            where = "is in media.denied_hosts"
+        elif settings.allowed_hosts and not any(
+            _host_matches(key, pattern) for pattern in settings.allowed_hosts
+        ):
+            where = "is not in media.allowed_hosts"
+        else:
+            return
+        raise MediaAccessDeniedError(
+            f"image URL refused: host '{host[:100]}' {where}", detail={"host": host[:100]}
+        )
 
     async def _check_host(self, url: httpx.URL) -> list[IPAddress]:
-        """Resolve ``url``'s host and refuse it unless every address is public."""
+        """Resolve ``url``'s host and refuse it unless every address may be fetched from."""
         host = url.raw_host.decode("ascii")
         literal = parse_ip_literal(host)
         if literal is not None:
@@ -314,10 +431,21 @@ class UrlFetcher:
             port = url.port or (443 if url.scheme == "https" else 80)
             addresses = await self._resolve(host, port)
         for ip in addresses:
-            reason = blocked_reason(ip)
-            if reason is not None:
-                raise _denied(host, ip, reason, literal=literal is not None)
+            self._check_address(host, ip, literal=literal is not None)
         return addresses
+
+    def _check_address(self, host: str, ip: IPAddress, *, literal: bool) -> None:
+        """Refuse ``ip`` if it is in ``media.denied_networks``, or not public (unless
+        ``allow_private_urls`` or ``media.allowed_networks`` allows it)."""
+        denied = _network_of(ip, self._denied_networks)
+        if denied is not None:
+            raise _refused(host, ip, f"in media.denied_networks ({denied})", literal=literal)
+        if self._settings.allow_private_urls or _network_of(ip, self._allowed_networks):
+            return
+        reason = blocked_reason(ip)
+        if reason is not None:
+            why = f"{reason} address; set media.allow_private_urls to allow it"
+            raise _refused(host, ip, why, literal=literal)
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
         try:
@@ -347,13 +475,23 @@ class UrlFetcher:
         return addresses
 
 
-def _denied(host: str, ip: IPAddress, reason: str, *, literal: bool) -> MediaAccessDeniedError:
+def _refused(host: str, ip: IPAddress, why: str, *, literal: bool) -> MediaAccessDeniedError:
     verb = "is" if literal else "resolves to"
     return MediaAccessDeniedError(
-        f"image URL refused: host '{host[:100]}' {verb} {ip}, {reason} address; "
-        "set media.allow_private_urls to allow it",
+        f"image URL refused: host '{host[:100]}' {verb} {ip}, {why}",
         detail={"host": host[:100], "address": str(ip)},
     )
+
+
+def _host_matches(host: str, pattern: str) -> bool:
+    """``host`` (lower-case, no trailing dot) is ``pattern``, or a subdomain for ``*.domain``."""
+    return host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
+
+
+def _network_of(ip: IPAddress, networks: list[IPNetwork]) -> IPNetwork | None:
+    """The first of ``networks`` holding ``ip`` or the IPv4 address it wraps."""
+    candidates = {ip, embedded_ipv4(ip)}
+    return next((net for net in networks if any(a in net for a in candidates)), None)
 
 
 def _is_clearly_not_image(mime: str) -> bool:

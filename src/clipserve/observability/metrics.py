@@ -150,6 +150,12 @@ class Metrics:
             registry=r,
         )
 
+        self.rate_limit_storage_errors_total = Counter(
+            "clipserve_rate_limit_storage_errors_total",
+            "Requests let through because the rate-limit storage (Redis) failed",
+            registry=r,
+        )
+
     def set_model_state(self, model: str, state: str) -> None:
         for candidate in _MODEL_STATES:
             self.model_state.labels(model=model, state=candidate).set(

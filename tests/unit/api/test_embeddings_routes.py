@@ -192,7 +192,7 @@ async def test_too_many_inputs_are_refused(
     client = await client_for(make_settings(server={"max_batch_items": 3}), FakeLoader())
     response = await client.post(EMBEDDINGS, json={"model": "fast", "input": ["a"] * 4})
     assert response.status_code == 422
-    assert response.json()["error"]["message"] == "input has 4 items; the limit is 3"
+    assert response.json()["error"]["message"] == "the request has 4 inputs; the limit is 3"
 
 
 async def test_uploaded_images_are_embedded_like_data_uris(

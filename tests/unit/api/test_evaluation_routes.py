@@ -149,7 +149,7 @@ async def test_batch_limits(
     item = {"image_input": jpeg_uri, "text_prompt": "x"}
     response = await client.post(BATCH, json={"evaluations": [item] * 3})
     assert response.status_code == 422
-    assert response.json()["error"] == "batch has 3 evaluations; the limit is 2"
+    assert response.json()["error"] == "the request has 3 evaluations; the limit is 2"
     empty = await client.post(BATCH, json={"evaluations": []})
     assert empty.status_code == 422
     bad_size = await client.post(BATCH, json={"evaluations": [item], "batch_size": 0})

@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 
@@ -20,6 +21,8 @@ from clipserve.errors import (
     UnsupportedMediaTypeError,
 )
 from clipserve.media import UrlFetcher
+from clipserve.media import fetch as fetch_module
+from clipserve.media.fetch import PinnedNetworkBackend, Pins, current_pins
 
 PUBLIC = "93.184.215.14"
 IMAGE = b"\x89PNG fake image bytes"
@@ -45,11 +48,13 @@ class Harness:
 
     def __init__(self, handler: Handler, resolver: FakeResolver, **settings: Any) -> None:
         self.requests: list[httpx.Request] = []
+        self.pins: list[Pins | None] = []
         self.sleeps: list[float] = []
         self.resolver = resolver
 
         async def record(request: httpx.Request) -> httpx.Response:
             self.requests.append(request)
+            self.pins.append(current_pins())  # what the connection of this request may go to
             return await handler(request)
 
         async def sleep(delay: float) -> None:
@@ -64,6 +69,11 @@ class Harness:
     async def fetch(self, url: str) -> bytes:
         return await self.fetcher.fetch(url)
 
+    @property
+    def addresses(self) -> list[str]:
+        """The first address each request's connection was pinned to."""
+        return [pins[1][0] for pins in self.pins if pins is not None]
+
 
 @pytest.fixture
 async def harness() -> AsyncIterator[Callable[..., Harness]]:
@@ -73,6 +83,7 @@ async def harness() -> AsyncIterator[Callable[..., Harness]]:
         handler: Handler | list[httpx.Response] | None = None,
         *,
         hosts: dict[str, list[str]] | None = None,
+        resolver: FakeResolver | None = None,
         **settings: Any,
     ) -> Harness:
         if handler is None or isinstance(handler, list):
@@ -82,7 +93,7 @@ async def harness() -> AsyncIterator[Callable[..., Harness]]:
                 return responses.pop(0) if len(responses) > 1 else responses[0]
 
             handler = scripted
-        made.append(Harness(handler, FakeResolver(hosts), **settings))
+        made.append(Harness(handler, resolver or FakeResolver(hosts), **settings))
         return made[-1]
 
     yield make
@@ -286,6 +297,273 @@ async def test_unknown_host_is_not_retried(harness: Callable[..., Harness]) -> N
     assert h.resolver.calls == [("nohost.example", 80)]
 
 
+# --- connecting to the checked address ------------------------------------------------------------
+
+PUBLIC_2 = "93.184.215.15"
+PUBLIC_V6 = "2606:2800:21f:cb07:6820:80da:af6b:8b2c"
+
+
+async def test_requests_are_pinned_to_the_checked_address(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    assert await h.fetch("http://user:pw@img.example/a.png?size=2") == IMAGE
+
+    (request,) = h.requests
+    assert str(request.url) == "http://user:pw@img.example/a.png?size=2"  # the name, as usual
+    assert request.headers["authorization"].startswith("Basic ")  # credentials still sent
+    assert h.pins == [("img.example", (PUBLIC,))]
+
+
+async def test_https_keeps_its_host_name_for_tls(harness: Callable[..., Harness]) -> None:
+    h = harness(hosts={"v6.example": [PUBLIC_V6, PUBLIC]})
+    assert await h.fetch("https://img.example:8443/a.png") == IMAGE
+    assert await h.fetch("https://v6.example/a.png") == IMAGE
+
+    first, second = h.requests
+    assert str(first.url) == "https://img.example:8443/a.png"  # SNI and certificate: the name
+    assert "sni_hostname" not in first.extensions
+    assert str(second.url) == "https://v6.example/a.png"
+    assert h.pins == [("img.example", (PUBLIC,)), ("v6.example", (PUBLIC_V6, PUBLIC))]
+
+
+async def test_literal_public_ip_is_pinned_without_resolving(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    assert await h.fetch(f"http://{PUBLIC}:8080/a.png") == IMAGE
+    assert h.pins == [(PUBLIC, (PUBLIC,))]
+    assert h.resolver.calls == []
+
+
+async def test_nothing_is_pinned_when_private_urls_are_allowed(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(allow_private_urls=True)
+    assert await h.fetch(URL) == IMAGE
+    assert h.pins == [None]  # httpx resolves and connects by name
+
+
+class RebindingResolver(FakeResolver):
+    """Answers with a public address first and with loopback ever after."""
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        answer = await super().__call__(host, port)
+        self.hosts[host] = ["127.0.0.1"]
+        return answer
+
+
+async def test_dns_rebinding_cannot_move_the_connection(harness: Callable[..., Harness]) -> None:
+    h = harness(resolver=RebindingResolver())
+    assert await h.fetch(URL) == IMAGE
+    assert h.pins == [("img.example", (PUBLIC,))]  # the checked answer, not a second lookup's
+    assert h.resolver.calls == [("img.example", 80)]
+
+
+# --- the pinned network backend -------------------------------------------------------------------
+
+
+class FakeBackend(httpcore.AsyncNetworkBackend):
+    """Records connection attempts; refuses the addresses in ``down``."""
+
+    def __init__(
+        self, down: set[str] | None = None, error: type[Exception] = httpcore.ConnectError
+    ):
+        self.down = down or set()
+        self.error = error
+        self.attempts: list[tuple[str, int]] = []
+
+    async def connect_tcp(self, host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        self.attempts.append((host, port))
+        if host in self.down:
+            raise self.error(f"{host} is unreachable")
+        return object()
+
+    async def sleep(self, seconds: float) -> None:
+        return None
+
+
+async def connect(
+    backend: PinnedNetworkBackend, pins: Pins | None, host: str = "img.example"
+) -> Any:
+    token = fetch_module._PINS.set(pins)  # noqa: SLF001  (set by UrlFetcher._send in real use)
+    try:
+        return await backend.connect_tcp(host, 443)
+    finally:
+        fetch_module._PINS.reset(token)  # noqa: SLF001
+
+
+async def test_the_backend_connects_only_to_pinned_addresses() -> None:
+    inner = FakeBackend()
+    backend = PinnedNetworkBackend(inner)
+    assert await connect(backend, ("img.example", (PUBLIC,))) is not None
+    assert inner.attempts == [(PUBLIC, 443)]
+    with pytest.raises(httpcore.ConnectError, match="refusing to connect to unchecked host"):
+        await connect(backend, ("img.example", (PUBLIC,)), host="evil.example")
+    assert await connect(backend, None, host="by-name.example") is not None  # unpinned mode
+    assert inner.attempts[-1] == ("by-name.example", 443)
+    with pytest.raises(httpcore.ConnectError, match="unix sockets"):
+        await backend.connect_unix_socket("/run/docker.sock")
+
+
+@pytest.mark.parametrize("error", [httpcore.ConnectError, httpcore.ConnectTimeout])
+async def test_the_backend_tries_the_next_address(error: type[Exception]) -> None:
+    inner = FakeBackend(down={PUBLIC_V6}, error=error)
+    backend = PinnedNetworkBackend(inner)
+    assert await connect(backend, ("img.example", (PUBLIC_V6, PUBLIC))) is not None
+    assert inner.attempts == [(PUBLIC_V6, 443), (PUBLIC, 443)]
+
+
+async def test_the_backend_tries_at_most_four_addresses() -> None:
+    answers = (PUBLIC, PUBLIC_2, "93.184.215.16", "93.184.215.17", "93.184.215.18")
+    inner = FakeBackend(down=set(answers))
+    with pytest.raises(httpcore.ConnectError, match="93.184.215.17 is unreachable"):
+        await connect(PinnedNetworkBackend(inner), ("img.example", answers))
+    assert [host for host, _ in inner.attempts] == list(answers[:4])
+
+
+async def test_other_errors_do_not_try_the_next_address() -> None:
+    inner = FakeBackend(down={PUBLIC}, error=OSError)
+    with pytest.raises(OSError, match="unreachable"):
+        await connect(PinnedNetworkBackend(inner), ("img.example", (PUBLIC, PUBLIC_2)))
+    assert inner.attempts == [(PUBLIC, 443)]
+
+
+async def test_the_default_transport_uses_the_pinned_backend() -> None:
+    async with UrlFetcher(MediaSettings()) as fetcher:
+        pool = fetcher._client._transport._pool  # noqa: SLF001
+        assert isinstance(pool._network_backend, PinnedNetworkBackend)  # noqa: SLF001
+
+
+# --- host and network lists -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://images.example.com/a.png", True),
+        ("http://IMAGES.Example.COM./a.png", True),  # case and a trailing dot
+        ("http://a.cdn.example/a.png", True),
+        ("http://a.b.cdn.example/a.png", True),
+        ("http://cdn.example/a.png", False),  # `*.` is for subdomains, not the apex
+        ("http://xcdn.example/a.png", False),
+        ("http://img.images.example.com/a.png", False),
+        ("http://images.example.com.evil.test/a.png", False),
+        (f"http://{PUBLIC}/a.png", False),
+    ],
+)
+async def test_allowed_hosts(harness: Callable[..., Harness], url: str, allowed: bool) -> None:
+    host = httpx.URL(url).host
+    h = harness(
+        hosts={host: [PUBLIC]},
+        allowed_hosts=("Images.Example.com.", "*.CDN.example"),
+    )
+    if allowed:
+        assert await h.fetch(url) == IMAGE
+        assert h.addresses == [PUBLIC]
+        return
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch(url)
+    assert str(caught.value) == f"image URL refused: host '{host}' is not in media.allowed_hosts"
+    assert h.requests == []
+    assert h.resolver.calls == []
+
+
+@pytest.mark.parametrize("allow_private_urls", [False, True])
+async def test_denied_hosts_win_and_are_checked_first(
+    harness: Callable[..., Harness], allow_private_urls: bool
+) -> None:
+    h = harness(
+        hosts={"x.evil.example": [PUBLIC]},
+        allowed_hosts=("*.evil.example",),
+        denied_hosts=("x.evil.example",),
+        allow_private_urls=allow_private_urls,
+    )
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch("http://X.evil.example./a.png")
+    assert str(caught.value) == "image URL refused: host 'x.evil.example.' is in media.denied_hosts"
+    assert h.requests == []
+    assert h.resolver.calls == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"denied_hosts": ("*.evil.example",)}, "is in media.denied_hosts"),
+        ({"allowed_hosts": ("img.example",)}, "is not in media.allowed_hosts"),
+    ],
+)
+async def test_host_lists_apply_to_every_redirect_hop(
+    harness: Callable[..., Harness], setting: dict[str, tuple[str, ...]], message: str
+) -> None:
+    h = harness(
+        [httpx.Response(302, headers={"location": "http://cdn.evil.example/a.png"})],
+        hosts={"cdn.evil.example": [PUBLIC_2]},
+        **setting,
+    )
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch(URL)
+    assert str(caught.value) == f"image URL refused: host 'cdn.evil.example' {message}"
+    assert h.addresses == [PUBLIC]
+    assert h.resolver.calls == [("img.example", 80)]
+
+
+async def test_allowed_networks_let_a_private_address_through(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(
+        hosts={"store.internal": ["10.1.2.7"], "other.internal": ["10.1.3.7"]},
+        allowed_networks=("10.1.2.0/24",),
+    )
+    assert await h.fetch("http://store.internal/a.png") == IMAGE
+    assert await h.fetch("http://10.1.2.8/a.png") == IMAGE
+    assert h.addresses == ["10.1.2.7", "10.1.2.8"]  # still pinned to the checked address
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch("http://other.internal/a.png")
+    assert str(caught.value) == (
+        "image URL refused: host 'other.internal' resolves to 10.1.3.7, a private address; "
+        f"{ALLOW_HINT}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "answer", "refusal"),
+    [
+        (URL, PUBLIC, f"host 'img.example' resolves to {PUBLIC}, in"),
+        (URL, f"::ffff:{PUBLIC}", "host 'img.example' resolves to ::ffff:5db8:d70e, in"),
+        (f"http://{PUBLIC}/", PUBLIC, f"host '{PUBLIC}' is {PUBLIC}, in"),
+    ],
+)
+async def test_denied_networks_refuse_public_addresses(
+    harness: Callable[..., Harness], url: str, answer: str, refusal: str
+) -> None:
+    h = harness(hosts={"img.example": [answer]}, denied_networks=("93.184.0.0/16",))
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch(url)
+    assert str(caught.value) == (
+        f"image URL refused: {refusal} media.denied_networks (93.184.0.0/16)"
+    )
+    assert h.requests == []
+
+
+async def test_denied_networks_apply_with_allow_private_urls(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(
+        hosts={"intranet": ["10.0.0.5"], "printer": ["192.168.1.5"]},
+        allow_private_urls=True,
+        denied_networks=("10.0.0.0/8",),
+        allowed_networks=("10.0.0.0/8",),  # the denial wins
+    )
+    with pytest.raises(MediaAccessDeniedError) as caught:
+        await h.fetch("http://intranet/a.png")
+    assert str(caught.value) == (
+        "image URL refused: host 'intranet' resolves to 10.0.0.5, in media.denied_networks "
+        "(10.0.0.0/8)"
+    )
+    assert await h.fetch("http://printer/a.png") == IMAGE
+    assert h.addresses == ["192.168.1.5"]  # resolved by us, checked and pinned
+    assert h.resolver.calls == [("intranet", 80), ("printer", 80)]
+
+
 # --- redirects ------------------------------------------------------------------------------------
 
 
@@ -304,6 +582,7 @@ async def test_redirects_are_followed_and_rechecked(harness: Callable[..., Harne
         "https://cdn.example/b/c.png",
         "https://cdn.example/final.png",
     ]
+    assert h.addresses == [PUBLIC, "93.184.215.15", "93.184.215.15"]
     assert h.resolver.calls == [("img.example", 80), ("cdn.example", 443), ("cdn.example", 443)]
 
 

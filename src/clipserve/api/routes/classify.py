@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, SettingsDep
+from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.inputs import ImageItem
 from clipserve.api.schemas.retrieval import (
     Classification,
@@ -39,17 +39,11 @@ _MULTIPART = multipart_body(
 
 async def _classify(
     engine: EngineDep,
-    settings: SettingsDep,
     model: str | None,
     images: list[ImageInput],
     labels: list[str],
     template: str,
 ) -> ClassifyResponse:
-    limit = settings.server.max_batch_items
-    if len(images) > limit:
-        raise InvalidInputError(
-            f"{len(images)} images; the limit is {limit}", detail={"max_items": limit}
-        )
     if any(not label.strip() for label in labels):
         raise InvalidInputError("labels must not be empty strings")
     rows = await engine.classify(model, images, labels, template)
@@ -72,17 +66,16 @@ async def _classify(
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_MULTIPART)
-async def classify(
-    body: ClassifyRequest, engine: EngineDep, settings: SettingsDep
-) -> ClassifyResponse:
+async def classify(body: ClassifyRequest, engine: EngineDep, inputs: InputsDep) -> ClassifyResponse:
     """Per image, each label's cosine score and probability (softmax over logit_scale*cos across
     the labels for CLIP, an independent sigmoid for SigLIP), most probable first. Label prompts
     (template with the label in place of `{}`) are cached per model."""
     items = body.input if isinstance(body.input, list) else [body.input]
     if not items:
         raise InvalidInputError("input must hold at least one image")
+    await inputs(len(items), "images")
     images: list[ImageInput] = [i.reference if isinstance(i, ImageItem) else i for i in items]
-    return await _classify(engine, settings, body.model, images, body.labels, body.template)
+    return await _classify(engine, body.model, images, body.labels, body.template)
 
 
 def _labels(values: list[str]) -> list[str]:
@@ -104,11 +97,13 @@ async def classify_uploads(
     labels: Annotated[list[str], Form()],
     engine: EngineDep,
     settings: SettingsDep,
+    inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
     template: Annotated[str, Form(min_length=2, max_length=500)] = "a photo of a {}",
 ) -> ClassifyResponse:
     parsed = _labels(labels)
     if not parsed or len(parsed) > 1000:
         raise InvalidInputError("send between 1 and 1000 labels")
+    await inputs(len(files), "images")
     images: list[ImageInput] = list(await read_uploads(files, settings.media))
-    return await _classify(engine, settings, model, images, parsed, template)
+    return await _classify(engine, model, images, parsed, template)

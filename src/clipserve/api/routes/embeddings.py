@@ -8,7 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, SettingsDep
+from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
 from clipserve.api.errors import OpenAIRoute
 from clipserve.api.schemas.embeddings import (
     EmbeddingData,
@@ -46,17 +46,13 @@ def _response(embedded: Embeddings, encoding_format: EncodingFormat) -> Embeddin
     )
 
 
-def _contents(body: EmbeddingsRequest, limit: int) -> list[Content]:
+def _contents(body: EmbeddingsRequest) -> list[Content]:
     items = [body.input] if isinstance(body.input, str) else body.input
     if not items:
         raise InvalidInputError("input must not be empty")
     if isinstance(items[0], int | list):
         raise InvalidInputError(
             "token-id inputs are not supported: send the text itself", detail={"param": "input"}
-        )
-    if len(items) > limit:
-        raise InvalidInputError(
-            f"input has {len(items)} items; the limit is {limit}", detail={"max_items": limit}
         )
     contents = [to_content(item, body.modality) for item in items]
     for i, content in enumerate(contents):
@@ -66,21 +62,25 @@ def _contents(body: EmbeddingsRequest, limit: int) -> list[Content]:
 
 
 @router.post("/embed", response_model=EmbedResponse)
-async def embed(body: EmbedRequest, engine: EngineDep, settings: SettingsDep) -> EmbedResponse:
+async def embed(
+    body: EmbedRequest, engine: EngineDep, settings: SettingsDep, inputs: InputsDep
+) -> EmbedResponse:
     """Embed one text with the default text model (setting `default_text_model`)."""
+    await inputs(1, "inputs")
     embedded = await engine.embed(settings.default_text_model, [Content.text(body.input_text)])
     return EmbedResponse(embedding=[float(x) for x in embedded.vectors[0]], model=embedded.model)
 
 
 @openai_router.post("/v1/embeddings", response_model=EmbeddingsResponse)
 async def create_embeddings(
-    body: EmbeddingsRequest, engine: EngineDep, settings: SettingsDep
+    body: EmbeddingsRequest, engine: EngineDep, inputs: InputsDep
 ) -> EmbeddingsResponse:
     """OpenAI-compatible embeddings of texts and images (errors in OpenAI's shape).
 
     Images: data URIs or URLs with `"modality": "image"`, or `{"image": ...}` /
     `{"type": "image_url", "image_url": {"url": ...}}` items (texts and images may be mixed)."""
-    contents = _contents(body, settings.server.max_batch_items)
+    contents = _contents(body)
+    await inputs(len(contents), "inputs")
     embedded = await engine.embed(body.model, contents, dimensions=body.dimensions)
     return _response(embedded, body.encoding_format)
 
@@ -90,14 +90,13 @@ async def embed_uploaded_images(
     files: Annotated[list[UploadFile], File(description="One or more image files.")],
     engine: EngineDep,
     settings: SettingsDep,
+    inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
     encoding_format: Annotated[EncodingFormat, Form()] = "float",
 ) -> EmbeddingsResponse:
     """Embed uploaded image files (multipart/form-data); the response is shaped as
     `/v1/embeddings`'s, one embedding per file in upload order."""
-    limit = settings.server.max_batch_items
-    if len(files) > limit:
-        raise InvalidInputError(f"{len(files)} files; the limit is {limit}")
+    await inputs(len(files), "files")
     images = await read_uploads(files, settings.media)
     embedded = await engine.embed(
         model, [Content.image(data) for data in images], where=lambda i: f"files[{i}]"

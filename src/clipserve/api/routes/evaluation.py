@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter
 
-from clipserve.api.deps import EngineDep, MetricsDep, SettingsDep
+from clipserve.api.deps import EngineDep, InputsDep, MetricsDep
 from clipserve.api.schemas.evaluation import (
     BatchEvaluationRequest,
     BatchEvaluationResponse,
@@ -15,7 +15,6 @@ from clipserve.api.schemas.evaluation import (
     EvaluationResponse,
 )
 from clipserve.engine.engine import EvalItem, EvalResult
-from clipserve.errors import InvalidInputError
 from clipserve.media import describe
 
 logger = logging.getLogger(__name__)
@@ -47,17 +46,12 @@ async def evaluate_single(body: EvaluationRequest, engine: EngineDep) -> Evaluat
 
 @router.post("/batch", response_model=BatchEvaluationResponse)
 async def evaluate_batch(
-    body: BatchEvaluationRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
+    body: BatchEvaluationRequest, engine: EngineDep, inputs: InputsDep, metrics: MetricsDep
 ) -> BatchEvaluationResponse:
     """Score many pairs through the batcher (`batch_size` sets how far ahead they are prepared). A
     failing item gets `clip_score: null` and its `error`; the others succeed. Results keep request
     order."""
-    limit = settings.server.max_batch_items
-    if len(body.evaluations) > limit:
-        raise InvalidInputError(
-            f"batch has {len(body.evaluations)} evaluations; the limit is {limit}",
-            detail={"max_batch_items": limit},
-        )
+    await inputs(len(body.evaluations), "evaluations")
     started = time.perf_counter()
     step = max(1, len(body.evaluations) // 10)
 

@@ -60,6 +60,9 @@ def _batch_processing(engine: Engine) -> BatchProcessing:
                 batches=q.batches,
                 items=q.items,
                 drain_rate_items_per_s=round(q.drain_rate, 3) if q.drain_rate else None,
+                consecutive_failures=q.consecutive_failures,
+                last_error=q.last_error,
+                running_for_s=round(q.running_for_s, 3),
             )
             for q in stats.queues
         ],

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, SettingsDep
+from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.embeddings import Usage
 from clipserve.api.schemas.inputs import to_content
 from clipserve.api.schemas.retrieval import RankRequest, RankResponse, RankResult
@@ -52,18 +52,12 @@ def _echo(content: Content) -> str | None:
 
 async def _rank(
     engine: EngineDep,
-    settings: SettingsDep,
     model: str | None,
     query: Content,
     documents: list[Content],
     top_n: int | None,
     return_documents: bool,
 ) -> RankResponse:
-    limit = settings.server.max_batch_items
-    if len(documents) > limit:
-        raise InvalidInputError(
-            f"{len(documents)} documents; the limit is {limit}", detail={"max_items": limit}
-        )
     ranking = await engine.rank(model, query, documents)
     results = [
         RankResult(
@@ -82,12 +76,12 @@ async def _rank(
 
 
 @router.post("/v1/rank", response_model=RankResponse, openapi_extra=_MULTIPART)
-async def rank(body: RankRequest, engine: EngineDep, settings: SettingsDep) -> RankResponse:
+async def rank(body: RankRequest, engine: EngineDep, inputs: InputsDep) -> RankResponse:
     """Rank documents by cosine similarity to the query; texts and images in any combination.
     Also accepts multipart/form-data: `query` or `query_file`, and `documents` or `files`."""
+    await inputs(len(body.documents), "documents")
     return await _rank(
         engine,
-        settings,
         body.model,
         to_content(body.query, body.query_modality),
         [to_content(d, body.documents_modality) for d in body.documents],
@@ -100,6 +94,7 @@ async def rank(body: RankRequest, engine: EngineDep, settings: SettingsDep) -> R
 async def rank_uploads(
     engine: EngineDep,
     settings: SettingsDep,
+    inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
     query: Annotated[str | None, Form(min_length=1)] = None,
     query_file: Annotated[UploadFile | None, File()] = None,
@@ -118,8 +113,9 @@ async def rank_uploads(
         raise InvalidInputError(
             "send the documents as 'documents' (texts) or as 'files' (images): exactly one"
         )
+    await inputs(len(documents or files or []), "documents")
     if documents:
         contents = [Content.text(d) for d in documents]
     else:
         contents = [Content.image(b) for b in await read_uploads(files or [], settings.media)]
-    return await _rank(engine, settings, model, query_content, contents, top_n, return_documents)
+    return await _rank(engine, model, query_content, contents, top_n, return_documents)

@@ -29,9 +29,14 @@ def _device(requested: str) -> str:
 
 @router.get("/evaluator/health", response_model=HealthResponse)
 async def health(engine: EngineDep) -> HealthResponse:
-    """Liveness with the truth about models: `degraded` when an enabled model failed to load."""
+    """Liveness with the truth about models: `degraded` when an enabled model failed to load or
+    its inputs keep failing."""
     statuses = engine.registry.statuses()
     errors = {s.name: s.error or "failed to load" for s in statuses if s.state is ModelState.ERROR}
+    for s in statuses:
+        problems = engine.queue_problems(s.name)
+        if problems and s.name not in errors:
+            errors[s.name] = "; ".join(problems)
     gpus = gpu_memory()
     return HealthResponse(
         status="degraded" if errors else "healthy",

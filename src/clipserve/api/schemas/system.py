@@ -55,6 +55,9 @@ class QueueInfo(BaseModel):
     batches: int = Field(description="Batches run so far.")
     items: int = Field(description="Items answered so far.")
     drain_rate_items_per_s: float | None = None
+    consecutive_failures: int = Field(default=0, description="Failed inputs in a row.")
+    last_error: str | None = None
+    running_for_s: float = Field(default=0.0, description="Age of the oldest running batch.")
 
 
 class BatchProcessing(BaseModel):
