@@ -16,6 +16,7 @@ from clipserve.api.middleware import (
     RequestContextMiddleware,
 )
 from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
+from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
 from clipserve.api.security import Security, guard
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
@@ -66,15 +67,20 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
     register_error_handlers(app)
-    app.include_router(evaluation.router)
-    app.include_router(embeddings.router)
-    app.include_router(embeddings.openai_router)
-    # Multipart routes first: they match only multipart bodies, JSON falls through to the next.
-    app.include_router(rank.upload_router)
-    app.include_router(rank.router)
-    app.include_router(classify.upload_router)
-    app.include_router(classify.router)
-    app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(system.router)
+    errors, openai_errors = error_responses(ErrorResponse), error_responses(OpenAIErrorResponse)
+    routers = (
+        evaluation.router,
+        embeddings.router,
+        # Multipart routes first: they match only multipart bodies, JSON falls through to the next.
+        rank.upload_router,
+        rank.router,
+        classify.upload_router,
+        classify.router,
+        health.router,
+        models.router,
+        system.router,
+    )
+    for router in routers:
+        app.include_router(router, responses=errors)
+    app.include_router(embeddings.openai_router, responses=openai_errors)
     return app

@@ -9,6 +9,7 @@ log gets the traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -42,6 +43,14 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.ConfigError, 422),
     (e.InferenceError, 500),
 )
+
+
+class ErrorJSONResponse(JSONResponse):
+    """Error bodies are ASCII-escaped JSON: they may quote client input (a model name...), and a
+    lone surrogate in it must not make the error itself fail to render."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class OpenAIRoute(APIRoute):
@@ -95,7 +104,7 @@ def _respond(
         }
     else:
         body = error_body(message, detail)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 def status_for(exc: e.ClipServeError) -> int:

@@ -17,20 +17,22 @@ from starlette.types import Scope
 from clipserve.config import MediaSettings
 from clipserve.errors import InvalidImageError, MediaTooLargeError
 
+_FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
-def _is_multipart(scope: Scope) -> bool:
+
+def _is_form(scope: Scope) -> bool:
     for name, value in scope.get("headers") or []:
         if name == b"content-type":
-            return bool(value.split(b";", 1)[0].strip().lower() == b"multipart/form-data")
+            return value.split(b";", 1)[0].strip().lower() in _FORM_TYPES
     return False
 
 
 class MultipartRoute(APIRoute):
-    """Matches only ``multipart/form-data`` requests (other bodies fall through to the next
-    route on the same path)."""
+    """Matches only form bodies (``multipart/form-data``, or urlencoded fields without files);
+    other bodies fall through to the next route on the same path."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] == "http" and not _is_multipart(scope):
+        if scope["type"] == "http" and not _is_form(scope):
             return Match.NONE, {}
         return super().matches(scope)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import weakref
 from collections import OrderedDict
@@ -36,6 +37,7 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _PROBE_TEXT = "a photo of " + "a very long caption " * 40  # truncated to the full context
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,11 @@ class Encoder:
                 out[text] = InvalidInputError(
                     f"text is {len(text)} characters long; the limit is {limit}",
                     detail={"max_prompt_chars": limit},
+                )
+            elif _SURROGATE.search(text):
+                out[text] = InvalidInputError(
+                    "text holds an unpaired UTF-16 surrogate (such as \\ud800), which is not "
+                    "valid Unicode; send the whole character or drop it"
                 )
             else:
                 todo[text] = text

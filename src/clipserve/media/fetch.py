@@ -62,6 +62,7 @@ _NOT_IMAGE_TYPES: Final = frozenset(
 )
 _INET_ATON_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")  # names, after IDNA
 MAX_PINNED_ADDRESSES: Final = 4  # checked addresses tried in turn when connecting fails
 
 Pins: TypeAlias = tuple[str, tuple[str, ...]]
@@ -389,6 +390,12 @@ class UrlFetcher:
             )
         if not parsed.host:
             raise MediaFetchError(f"invalid image URL {shown}: it has no host")
+        raw_host = parsed.raw_host.decode("ascii", "replace")
+        if not _HOST_RE.fullmatch(raw_host) and parse_ip_literal(raw_host) is None:
+            raise MediaFetchError(  # refused before any DNS lookup
+                f"invalid image URL {shown}: the host name '{raw_host[:100]}' has characters "
+                "a host name cannot have"
+            )
         if parsed.port is not None and not 0 < parsed.port < 65536:
             raise MediaFetchError(f"invalid image URL {shown}: port {parsed.port} is out of range")
         return parsed

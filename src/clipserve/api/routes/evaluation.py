@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from fastapi import APIRouter
@@ -21,10 +22,19 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/evaluator/v1/evaluation", tags=["evaluation"])
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _echo(text: str) -> str:
+    """The prompt as echoed back: lone surrogates (refused, but echoed with their error) cannot be
+    encoded as UTF-8, so they become U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _response(request: EvaluationRequest, result: EvalResult) -> EvaluationResponse:
     return EvaluationResponse(
         image_input=describe(request.image_input),
-        text_prompt=request.text_prompt,
+        text_prompt=_echo(request.text_prompt),
         clip_score=result.score,
         processing_time_ms=round(result.processing_time_ms, 3),
         model_used=result.model,
