@@ -106,8 +106,8 @@ def sample_images(n: int, size: int = 320) -> list[Image.Image]:
     return images
 
 
-def sample_pairs(n: int) -> list[tuple[Image.Image, str]]:
-    images = sample_images(n)
+def sample_pairs(n: int, size: int = 320) -> list[tuple[Image.Image, str]]:
+    images = sample_images(n, size)
     return [(img, f"{_CAPTIONS[i % len(_CAPTIONS)]} #{i}") for i, img in enumerate(images)]
 
 
@@ -173,9 +173,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    url: str
+    pid: int
+
+
 @contextmanager
-def server(config: Path, model: str, *, max_batch_size: int, device: str) -> Iterator[str]:
-    """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded."""
+def server(
+    config: Path, model: str, *, max_batch_size: int, device: str, extra: Sequence[str] = ()
+) -> Iterator[RunningServer]:
+    """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded; ``extra``
+    are more ``serve`` flags."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": model}
     command = [
@@ -194,6 +203,7 @@ def server(config: Path, model: str, *, max_batch_size: int, device: str) -> Ite
         str(max_batch_size),
         "--log-level",
         "warning",
+        *extra,
     ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -210,7 +220,7 @@ def server(config: Path, model: str, *, max_batch_size: int, device: str) -> Ite
             if time.monotonic() > deadline:
                 raise RuntimeError("the bench server did not become ready within 300 s")
             time.sleep(0.2)
-        yield base
+        yield RunningServer(base, process.pid)
     finally:
         process.terminate()
         try:
@@ -270,11 +280,11 @@ def bench_model(
         for img, text in samples
     ]
     raw = raw_pairs_per_s(spec, samples, max_batch_size, device)
-    with server(config, model, max_batch_size=max_batch_size, device=device) as base:
-        batched = asyncio.run(_load(base, bodies, concurrency))
-        batch_request = asyncio.run(_batch_request(base, bodies, max_batch_size))
-    with server(config, model, max_batch_size=1, device=device) as base:
-        unbatched = asyncio.run(_load(base, bodies, concurrency))
+    with server(config, model, max_batch_size=max_batch_size, device=device) as running:
+        batched = asyncio.run(_load(running.url, bodies, concurrency))
+        batch_request = asyncio.run(_batch_request(running.url, bodies, max_batch_size))
+    with server(config, model, max_batch_size=1, device=device) as running:
+        unbatched = asyncio.run(_load(running.url, bodies, concurrency))
     return BenchResult(
         model, pairs, concurrency, max_batch_size, raw, batched, unbatched, batch_request
     )

@@ -95,6 +95,10 @@ def serve(
     api_keys_file: Annotated[
         Path | None, typer.Option(help="Require API keys: a file of hashes (clipserve hash-key).")
     ] = None,
+    max_concurrent_requests: Annotated[
+        int | None,
+        typer.Option(help="Requests at once; more get 429 before their body is read."),
+    ] = None,
 ) -> None:
     """Start the HTTP service."""
     import uvicorn
@@ -105,7 +109,12 @@ def serve(
         config_path=config,
         device=device,
         preload=preload,
-        server={"host": host, "port": port, "log_level": log_level},
+        server={
+            "host": host,
+            "port": port,
+            "log_level": log_level,
+            "max_concurrent_requests": max_concurrent_requests,
+        },
         media={"media_root": media_root},
         auth={"api_keys_file": api_keys_file},
         batching={

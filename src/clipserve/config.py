@@ -209,6 +209,14 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="request body size; larger bodies get 413"
     )
+    max_concurrent_requests: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "requests handled at once; more are refused with 429 before their body is read "
+            "(cheap load shedding); probes are not counted. None: no limit"
+        ),
+    )
 
 
 class BatchingSettings(BaseModel):

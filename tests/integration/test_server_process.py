@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,3 +100,50 @@ def test_serves_an_evaluation_and_stops_gracefully(
     log = process.stdout.read()
     assert "Application shutdown complete" in log
     assert "Traceback" not in log
+
+
+def test_sigterm_finishes_in_flight_work_before_exit(
+    server: tuple[str, subprocess.Popen[str]], photos: dict[str, Any]
+) -> None:
+    base, process = server
+    pairs = []
+    for i in range(120):  # distinct images: seconds of work on the tiny model
+        buffer = io.BytesIO()
+        photos["coffee"].rotate(i * 3).resize((160, 160)).save(buffer, format="JPEG")
+        uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        pairs.append({"image_input": uri, "text_prompt": f"a cup of coffee #{i}"})
+    answer: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        answer["batch"] = httpx.post(
+            f"{base}/evaluator/v1/evaluation/batch",
+            json={"evaluations": pairs, "batch_size": 8, "show_progress": False},
+            timeout=120,
+        )
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 60
+    while True:  # until the server is visibly working on it
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        if health["queue_size"] or health["inflight_batches"]:
+            break
+        assert sender.is_alive(), "the batch finished before the signal could be sent"
+        assert time.monotonic() < deadline, "the server never started on the batch"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    sender.join(120)
+
+    response = answer["batch"]
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["total_processed"] == 120
+    assert body["total_successful"] == 120
+    assert [r["text_prompt"] for r in body["results"]] == [p["text_prompt"] for p in pairs]
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert process.stdout is not None
+    log = process.stdout.read()
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log
+    with pytest.raises(httpx.TransportError):  # and it accepts nothing more
+        httpx.get(f"{base}/health", timeout=2)

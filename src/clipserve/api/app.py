@@ -9,15 +9,16 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from clipserve import __version__
-from clipserve.api.errors import register_error_handlers
+from clipserve.api.errors import overloaded, register_error_handlers
 from clipserve.api.middleware import (
     BodyLimitMiddleware,
     CancelOnDisconnectMiddleware,
+    ConcurrencyLimitMiddleware,
     RequestContextMiddleware,
 )
 from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
 from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
-from clipserve.api.security import Security, guard
+from clipserve.api.security import OPEN_PATHS, Security, guard
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
@@ -65,6 +66,13 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
     app.state.security = Security(settings.auth, settings.rate_limit, metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(CancelOnDisconnectMiddleware)
+    if settings.server.max_concurrent_requests is not None:
+        app.add_middleware(
+            ConcurrencyLimitMiddleware,
+            limit=settings.server.max_concurrent_requests,
+            exempt=OPEN_PATHS,
+            refuse=overloaded,
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
     register_error_handlers(app)
     errors, openai_errors = error_responses(ErrorResponse), error_responses(OpenAIErrorResponse)

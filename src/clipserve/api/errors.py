@@ -107,6 +107,25 @@ def _respond(
     return ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
+OPENAI_PATHS = frozenset({"/v1/embeddings"})
+
+
+def overloaded(scope: Any, message: str) -> JSONResponse:
+    """The 429 of the concurrency limit (sent before routing: the path picks the body's shape)."""
+    headers = {"Retry-After": "1"}
+    if scope.get("path") in OPENAI_PATHS:
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        }
+        return ErrorJSONResponse(body, status_code=429, headers=headers)
+    return ErrorJSONResponse(error_body(message), status_code=429, headers=headers)
+
+
 def status_for(exc: e.ClipServeError) -> int:
     for cls, status in _STATUS:
         if isinstance(exc, cls):

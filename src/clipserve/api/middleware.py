@@ -9,8 +9,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.observability.metrics import Metrics
@@ -161,3 +163,39 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in progress; the next ones get 429 at once, before their body is
+    read, so that refusing costs almost nothing and the work in progress keeps the CPU. Paths in
+    ``exempt`` (health, readiness, metrics) are neither counted nor refused."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        exempt: frozenset[str],
+        refuse: Callable[[Scope, str], Response],
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.refuse = refuse
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            message = (
+                f"the server is overloaded: {self.in_progress} requests are in progress "
+                f"(max_concurrent_requests {self.limit}); retry later"
+            )
+            await self.refuse(scope, message)(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

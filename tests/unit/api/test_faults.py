@@ -135,3 +135,31 @@ async def test_a_stuck_batch_makes_the_service_not_ready(
     async with asyncio.timeout(10):
         while (await client.get("/ready")).status_code != 200:
             await asyncio.sleep(0.05)
+
+
+async def test_the_concurrency_limit_sheds_load_before_reading_bodies(
+    client_for: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
+    gate = DeviceGate()
+    settings = make_settings(server={"max_concurrent_requests": 1})
+    client = await client_for(settings, FakeLoader(before_forward=gate))
+    assert (await client.post(EMBED, json={"model": "fast", "input": "warm"})).status_code == 200
+    gate.close()
+    held = asyncio.ensure_future(client.post("/embed", json={"input_text": "held"}))
+    await gate.entered()
+    refused = await client.post("/embed", json={"input_text": "one too many"})
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {
+        "error": "the server is overloaded: 1 requests are in progress "
+        "(max_concurrent_requests 1); retry later",
+        "detail": None,
+    }
+    openai_style = await client.post(EMBED, json={"model": "fast", "input": "x"})
+    assert openai_style.status_code == 429
+    assert openai_style.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (await client.get("/health")).status_code == 200  # probes are never shed
+    assert (await client.get("/ready")).status_code == 200
+    gate.open()
+    assert (await held).status_code == 200
+    assert (await client.post("/embed", json={"input_text": "room again"})).status_code == 200
