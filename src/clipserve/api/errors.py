@@ -93,7 +93,21 @@ def _respond(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    if _openai_style(request):
+    return _error_response(
+        _openai_style(request), status, message, detail, code=code, headers=headers
+    )
+
+
+def _error_response(
+    openai: bool,
+    status: int,
+    message: str,
+    detail: Any = None,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if openai:
         body: dict[str, Any] = {
             "error": {
                 "message": message,
@@ -112,18 +126,13 @@ OPENAI_PATHS = frozenset({"/v1/embeddings"})
 
 def overloaded(scope: Any, message: str) -> JSONResponse:
     """The 429 of the concurrency limit (sent before routing: the path picks the body's shape)."""
-    headers = {"Retry-After": "1"}
-    if scope.get("path") in OPENAI_PATHS:
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": "rate_limit_error",
-                "param": None,
-                "code": "rate_limit_exceeded",
-            }
-        }
-        return ErrorJSONResponse(body, status_code=429, headers=headers)
-    return ErrorJSONResponse(error_body(message), status_code=429, headers=headers)
+    return _error_response(
+        scope.get("path") in OPENAI_PATHS,
+        429,
+        message,
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
 
 
 def status_for(exc: e.ClipServeError) -> int:

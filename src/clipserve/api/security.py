@@ -182,13 +182,6 @@ class RateLimiter:
             self._errors.inc()
             logger.warning("rate limiting skipped: storage error %s: %s", type(exc).__name__, exc)
 
-    async def check(self) -> bool:
-        """Whether the storage answers (for status pages)."""
-        try:
-            return bool(await self._storage.check())
-        except Exception:
-            return False
-
 
 class Security:
     """API keys and rate limits of one app."""

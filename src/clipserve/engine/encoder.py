@@ -37,7 +37,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 _PROBE_TEXT = "a photo of " + "a very long caption " * 40  # truncated to the full context
-_SURROGATE = re.compile("[\ud800-\udfff]")
+UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone UTF-16 surrogate: legal in JSON strings, not valid Unicode (cannot be UTF-8 encoded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,7 @@ class Encoder:
                     f"text is {len(text)} characters long; the limit is {limit}",
                     detail={"max_prompt_chars": limit},
                 )
-            elif _SURROGATE.search(text):
+            elif UNPAIRED_SURROGATE.search(text):
                 out[text] = InvalidInputError(
                     "text holds an unpaired UTF-16 surrogate (such as \\ud800), which is not "
                     "valid Unicode; send the whole character or drop it"

@@ -209,12 +209,13 @@ class Engine:
             return Readiness(False, f"default model '{name}' failed to load: {status.error}", retry)
         if status.state is ModelState.LOADING:
             return Readiness(False, f"default model '{name}' is loading", 1.0)
-        for problem in self.queue_problems(name):
+        for problem in self.queue_problems().get(name, []):
             return Readiness(False, f"default model '{name}' {problem}", 1.0)
         return Readiness(True)
 
-    def queue_problems(self, model: str | None = None) -> list[str]:
-        """What is wrong with the batcher queues (of ``model``, or of all models), in words.
+    def queue_problems(self) -> dict[str, list[str]]:
+        """What is wrong with each model's batcher queues, in words (models without problems are
+        left out).
 
         A queue is failing after ``FAILING_AFTER`` inputs in a row failed, until the retry
         interval has passed since the last failure (then traffic may probe it again); it is stuck
@@ -222,18 +223,16 @@ class Engine:
         now = asyncio.get_running_loop().time()
         retry = self.settings.model_retry_interval_s
         stuck_after = self.settings.batching.request_timeout
-        problems = []
+        problems: dict[str, list[str]] = {}
         for q in self.batcher.stats().queues:
-            if model is not None and q.model != model:
-                continue
             recent = q.last_failure_at is not None and now - q.last_failure_at < retry
             if q.consecutive_failures >= FAILING_AFTER and recent:
-                problems.append(
+                problems.setdefault(q.model, []).append(
                     f"is failing: {q.last_error} ({q.consecutive_failures} {q.modality} inputs "
                     "in a row)"
                 )
             if q.running_for_s > stuck_after:
-                problems.append(
+                problems.setdefault(q.model, []).append(
                     f"has had a {q.modality} batch running for {q.running_for_s:.0f} s "
                     f"(over request_timeout {stuck_after:g} s)"
                 )
@@ -536,7 +535,7 @@ class Engine:
                 [Content.image(i) for i in images],
                 deadline,
                 None,
-                lambda i: f"input[{i}]",
+                None,
             )
             scale, bias = handle.backend.logit_scale, handle.backend.logit_bias
         cos = torch.from_numpy(embedded.vectors) @ text_vectors.T

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from fastapi import APIRouter
@@ -15,6 +14,7 @@ from clipserve.api.schemas.evaluation import (
     EvaluationRequest,
     EvaluationResponse,
 )
+from clipserve.engine.encoder import UNPAIRED_SURROGATE
 from clipserve.engine.engine import EvalItem, EvalResult
 from clipserve.media import describe
 
@@ -22,13 +22,10 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/evaluator/v1/evaluation", tags=["evaluation"])
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _echo(text: str) -> str:
     """The prompt as echoed back: lone surrogates (refused, but echoed with their error) cannot be
     encoded as UTF-8, so they become U+FFFD."""
-    return _SURROGATE.sub("\ufffd", text)
+    return UNPAIRED_SURROGATE.sub("\ufffd", text)
 
 
 def _response(request: EvaluationRequest, result: EvalResult) -> EvaluationResponse:

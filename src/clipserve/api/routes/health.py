@@ -6,16 +6,17 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from clipserve.api.deps import EngineDep, MetricsDep
+from clipserve.api.routes.system import describe_device
 from clipserve.api.schemas.system import (
     BatchProcessing,
     QueueInfo,
     ReadyResponse,
     ServiceHealth,
 )
+from clipserve.engine.batcher import BatcherStats
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import ModelStatus
-from clipserve.errors import ModelLoadError, ModelNotFoundError
-from clipserve.models.loader import resolve_device
+from clipserve.errors import ModelNotFoundError
 
 router = APIRouter(tags=["system"])
 
@@ -30,15 +31,11 @@ def _default_model(engine: Engine) -> ModelStatus | None:
 def _device(engine: Engine, status: ModelStatus | None) -> str:
     if status is not None and status.device:
         return status.device
-    requested = (status.spec.device if status else None) or engine.settings.device
-    try:
-        return resolve_device(requested)
-    except ModelLoadError:
-        return f"{requested} (unavailable)"
+    return describe_device((status.spec.device if status else None) or engine.settings.device)
 
 
-def _batch_processing(engine: Engine) -> BatchProcessing:
-    stats, settings = engine.batcher.stats(), engine.settings.batching
+def _batch_processing(engine: Engine, stats: BatcherStats) -> BatchProcessing:
+    settings = engine.settings.batching
     return BatchProcessing(
         accepting=stats.accepting,
         max_batch_size=settings.max_batch_size,
@@ -90,7 +87,7 @@ async def health(engine: EngineDep) -> JSONResponse:
         device=_device(engine, status),
         queue_size=stats.queue_size,
         inflight_batches=stats.inflight_batches,
-        batch_processing=_batch_processing(engine),
+        batch_processing=_batch_processing(engine, stats),
         error=readiness.reason,
     )
     return JSONResponse(

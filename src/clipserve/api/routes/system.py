@@ -20,7 +20,8 @@ from clipserve.observability.system import gpu_memory
 router = APIRouter(tags=["system"])
 
 
-def _device(requested: str) -> str:
+def describe_device(requested: str) -> str:
+    """The device ``requested`` resolves to, or why it cannot be used."""
     try:
         return resolve_device(requested)
     except ModelLoadError as exc:  # e.g. cuda configured on a host without it
@@ -33,10 +34,10 @@ async def health(engine: EngineDep) -> HealthResponse:
     its inputs keep failing."""
     statuses = engine.registry.statuses()
     errors = {s.name: s.error or "failed to load" for s in statuses if s.state is ModelState.ERROR}
-    for s in statuses:
-        problems = engine.queue_problems(s.name)
-        if problems and s.name not in errors:
-            errors[s.name] = "; ".join(problems)
+    enabled = {s.name for s in statuses}
+    for name, problems in engine.queue_problems().items():
+        if name in enabled:
+            errors.setdefault(name, "; ".join(problems))
     gpus = gpu_memory()
     return HealthResponse(
         status="degraded" if errors else "healthy",
@@ -62,7 +63,7 @@ async def status(engine: EngineDep) -> StatusResponse:
         python_version=platform.python_version(),
         torch_version=torch.__version__,
         cuda_available=torch.cuda.is_available(),
-        device=_device(settings.device),
+        device=describe_device(settings.device),
         default_model=settings.default_model,
         config_path=str(settings.config_path) if settings.config_path else None,
         last_reload_at=registry.last_reload_at,
