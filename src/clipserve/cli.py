@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -45,6 +46,21 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _configure_logging(level: str) -> dict[str, Any]:
+    """Put our logging (the root logger) at ``level``; return uvicorn's logging config with the
+    same level. uvicorn's ``log_level`` alone sets ``uvicorn.error`` and ``uvicorn.access`` but
+    leaves the ``uvicorn`` logger of its default config at INFO."""
+    import uvicorn.config
+
+    level = level.upper()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # basicConfig leaves the level alone if already set up
+    log_config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for logger_config in log_config["loggers"].values():
+        logger_config["level"] = level
+    return log_config
+
+
 def build_settings(**flags: Any) -> Settings:
     """Settings from the environment; the flags that were given win (nested ones merged)."""
     try:
@@ -66,7 +82,10 @@ def serve(
     preload: Annotated[
         bool | None, typer.Option("--preload/--lazy", help="Load all enabled models at start-up.")
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error.")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug | info | warning | error, any case (else $LOG_LEVEL; info)."),
+    ] = None,
     media_root: Annotated[
         Path | None, typer.Option(help="Serve local image paths from under this folder.")
     ] = None,
@@ -127,8 +146,7 @@ def serve(
             "request_timeout": request_timeout,
         },
     )
-    level = settings.server.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = _configure_logging(settings.server.log_level)
     try:
         application = create_app(settings)
         uvicorn.run(
@@ -136,6 +154,7 @@ def serve(
             host=settings.server.host,
             port=settings.server.port,
             log_level=settings.server.log_level,
+            log_config=log_config,
             # Open requests get the drain timeout; the batcher then drains what is left.
             timeout_graceful_shutdown=max(1, round(settings.batching.drain_timeout)),
         )
@@ -182,10 +201,11 @@ def list_models(
     table = Table(title="clipserve models")
     for column in ("name", "backend", "model_name", "pretrained", "enabled", "description"):
         table.add_column(column)
+    roles = (("default", settings.default_model), ("/embed", settings.text_model))
     for name, spec in shown.items():
-        default = " (default)" if name == settings.default_model else ""
+        role = ", ".join(role for role, model in roles if model == name)
         table.add_row(
-            name + default,
+            f"{name} ({role})" if role else name,
             spec.backend,
             spec.model_name,
             spec.pretrained or "-",

@@ -1,10 +1,13 @@
 """Typed settings: the one place that reads the environment.
 
-``Settings`` is built once (by the CLI, or by a test) and passed down. Model specs come from three
-sources merged field by field, later ones winning: the built-in defaults, the JSON registry file
-(``--config`` / ``CLIPSERVE_CONFIG``) and ``MODEL_CONFIG_<NAME>`` environment variables holding a
-JSON object each. Batching settings are also read from the plain names the issue tracker uses
-(``MAX_BATCH_SIZE``, ``BATCH_TIMEOUT``, ``MAX_QUEUE_SIZE``...).
+``Settings`` is built once (by the CLI, or by a test) and passed down. Model specs come from four
+layers merged field by field, later ones winning: the built-in defaults, the JSON registry file
+(``--config`` / ``CLIPSERVE_CONFIG``; ``{"models": {name: spec}}`` as the seed documents it, or the
+bare ``{name: spec}``), the seed variables ``CLIP_MODEL`` (the default model's weights) and
+``MODEL_NAME`` (the ``/embed`` model, when it is a hub id or a directory), and
+``MODEL_CONFIG_<NAME>`` variables holding a JSON object each. Other plain names the seeds and the
+issue tracker use (``LOG_LEVEL``, ``MAX_BATCH_SIZE``, ``BATCH_WAIT_TIME_MS``, ``MAX_QUEUE_SIZE``...)
+are read onto their nested fields; ``CLIPSERVE_*`` names and CLI flags win over them.
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,9 +42,12 @@ from clipserve.errors import ConfigError
 BackendName = Literal["open_clip", "hf", "sentence-transformers"]
 Precision = Literal["fp32", "fp16", "bf16"]
 OverflowAction = Literal["reject", "wait"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 MODEL_ENV_PREFIX = "MODEL_CONFIG_"
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# open_clip's schemas (`parse_model_name`): config and weights come from a hub repo or a folder.
+_OPEN_CLIP_SOURCES = ("hf-hub:", "local-dir:")
 
 # The built-in registry. `config/models.json` repeats it so users see (and edit) the exact shape.
 BUILTIN_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
@@ -111,6 +127,45 @@ class ModelSpec(BaseModel):
             "`dimensions` requests are refused"
         ),
     )
+
+
+def is_config_name(value: str) -> bool:
+    """A registry config name (``fast``), as opposed to a model source: a hub id or a path, which
+    holds a '/' or a '\\', or starts with '.' or '~'."""
+    return _MODEL_NAME_RE.fullmatch(value) is not None
+
+
+def source_config_name(source: str) -> str:
+    """The config name a model source is registered under: its last path component, lower-cased
+    and sanitised (``sentence-transformers/all-mpnet-base-v2`` -> ``all-mpnet-base-v2``)."""
+    bare = source
+    for prefix in _OPEN_CLIP_SOURCES:
+        bare = bare.removeprefix(prefix)
+    last = re.split(r"[/\\]", bare.rstrip("/\\"))[-1]
+    name = re.sub(r"[^a-z0-9._-]+", "-", last.lower()).lstrip("._-")[:64]
+    if not name:
+        raise ValueError(
+            f"no config name can be derived from the model source {source!r}: its last path "
+            "component must hold a letter or a digit"
+        )
+    return name
+
+
+def _problems(errors: Iterable[ErrorDetails]) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in errors
+    )
+
+
+def _check_fields(fields: Mapping[str, Any], where: str) -> None:
+    """Validate the spec fields one layer gives, so an error names the layer (``where``). A layer
+    may leave out model_name: an earlier one may give it (checked once merged)."""
+    try:
+        ModelSpec.model_validate(fields)
+    except ValidationError as exc:
+        errors = [err for err in exc.errors() if err["type"] != "missing"]
+        if errors:
+            raise ConfigError(f"{where}: {_problems(errors)}") from exc
 
 
 class MediaSettings(BaseModel):
@@ -193,12 +248,18 @@ class MediaSettings(BaseModel):
         return tuple(normalized)
 
 
+def _normalize_log_level(level: str) -> str:
+    """``DEBUG``, ``Info``... in lower case, and ``warn`` (Python's alias) as ``warning``."""
+    level = level.strip().lower()
+    return "warning" if level == "warn" else level
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_level: LogLevel = Field(default="info", description="any case: DEBUG, info...")
     max_batch_items: int = Field(
         default=1000, gt=0, description="inputs per request (evaluations, texts, documents...)"
     )
@@ -217,6 +278,11 @@ class ServerSettings(BaseModel):
             "(cheap load shedding); probes are not counted. None: no limit"
         ),
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _normalize_level(cls, value: object) -> object:
+        return _normalize_log_level(value) if isinstance(value, str) else value
 
 
 class BatchingSettings(BaseModel):
@@ -265,45 +331,89 @@ class BatchingSettings(BaseModel):
         return 2 if device.startswith("cuda") else 1
 
 
-# Plain environment names -> BatchingSettings fields, first one set wins; value converters.
-_BATCHING_ENV: tuple[tuple[str, str, float], ...] = (
-    ("MAX_BATCH_SIZE", "max_batch_size", 1),
-    ("BATCH_SIZE", "max_batch_size", 1),
-    ("BATCH_TIMEOUT", "batch_timeout", 1),
-    ("BATCH_WAIT_TIME_MS", "batch_timeout", 1e-3),
-    ("NUM_BATCHING_WORKERS", "num_batching_workers", 1),
-    ("MAX_CONCURRENT_BATCHES", "max_concurrent_batches", 1),
-    ("MAX_QUEUE_SIZE", "max_queue_size", 1),
-    ("REQUEST_TIMEOUT", "request_timeout", 1),
-    ("QUEUE_OVERFLOW_ACTION", "queue_overflow_action", 1),
-    ("AUTO_SCALE_WORKERS", "auto_scale_workers", 1),
-    ("CPU_UTILIZATION_FACTOR", "cpu_utilization_factor", 1),
-    ("DRAIN_TIMEOUT", "drain_timeout", 1),
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _milliseconds(name: str, raw: str) -> float:
+    """Milliseconds in the environment, seconds in Settings."""
+    try:
+        return float(raw) * 1e-3
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = _normalize_log_level(raw)
+    if level not in get_args(LogLevel):
+        choices = ", ".join(v.upper() for v in get_args(LogLevel))
+        raise ConfigError(f"{name} must be one of {choices} (any case), got {raw!r}")
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainEnv:
+    """A plain environment name of the seeds or the issues, read onto a (nested) Settings field."""
+
+    name: str
+    path: tuple[str, ...]
+    convert: Callable[[str, str], Any] = _text
+
+
+# Of two names for one field, the first listed wins (MAX_BATCH_SIZE over BATCH_SIZE).
+_PLAIN_ENV: tuple[_PlainEnv, ...] = (
+    _PlainEnv("LOG_LEVEL", ("server", "log_level"), _log_level),
+    _PlainEnv("MODEL_NAME", ("default_text_model",)),
+    _PlainEnv("CLIP_MODEL", ("clip_model",)),
+    _PlainEnv("MAX_BATCH_SIZE", ("batching", "max_batch_size")),
+    _PlainEnv("BATCH_SIZE", ("batching", "max_batch_size")),
+    _PlainEnv("BATCH_TIMEOUT", ("batching", "batch_timeout")),
+    _PlainEnv("BATCH_WAIT_TIME_MS", ("batching", "batch_timeout"), _milliseconds),
+    _PlainEnv("NUM_BATCHING_WORKERS", ("batching", "num_batching_workers")),
+    _PlainEnv("MAX_CONCURRENT_BATCHES", ("batching", "max_concurrent_batches")),
+    _PlainEnv("MAX_QUEUE_SIZE", ("batching", "max_queue_size")),
+    _PlainEnv("REQUEST_TIMEOUT", ("batching", "request_timeout")),
+    _PlainEnv("QUEUE_OVERFLOW_ACTION", ("batching", "queue_overflow_action")),
+    _PlainEnv("AUTO_SCALE_WORKERS", ("batching", "auto_scale_workers")),
+    _PlainEnv("CPU_UTILIZATION_FACTOR", ("batching", "cpu_utilization_factor")),
+    _PlainEnv("DRAIN_TIMEOUT", ("batching", "drain_timeout")),
 )
-BATCHING_ENV_NAMES = tuple(dict.fromkeys(name for name, _, _ in _BATCHING_ENV))
+PLAIN_ENV_NAMES = tuple(env.name for env in _PLAIN_ENV)
 
 
-class _BatchingEnvSource(PydanticBaseSettingsSource):
-    """Reads the plain batching variables (``MAX_BATCH_SIZE=64``); ``CLIPSERVE_BATCHING__*`` and
-    flags win over them."""
+def _is_set(state: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether ``state`` (what stronger sources gave) sets the field at ``path``."""
+    head, *rest = path
+    if head not in state:
+        return False
+    value = state[head]
+    # A whole section given as an object (``server=ServerSettings(...)``) sets all its fields.
+    return not rest or not isinstance(value, Mapping) or _is_set(value, tuple(rest))
+
+
+class _PlainEnvSource(PydanticBaseSettingsSource):
+    """Reads the plain names of ``_PLAIN_ENV`` (``LOG_LEVEL=DEBUG``, ``MAX_BATCH_SIZE=64``...).
+
+    Flags and ``CLIPSERVE_*`` names are stronger sources: a field they set is skipped here, so an
+    overridden plain value is not even parsed."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for env_name, field_name, scale in _BATCHING_ENV:
-            raw = os.environ.get(env_name)
-            if raw is None or raw.strip() == "" or field_name in values:
+        for env in _PLAIN_ENV:
+            raw = os.environ.get(env.name)
+            if raw is None or not raw.strip():
                 continue
-            if scale != 1:
-                try:
-                    values[field_name] = float(raw) * scale
-                except ValueError as exc:
-                    raise ConfigError(f"{env_name} must be a number, got {raw!r}") from exc
-            else:
-                values[field_name] = raw.strip()
-        return {"batching": values} if values else {}
+            if _is_set(self.current_state, env.path) or _is_set(values, env.path):
+                continue
+            *parents, leaf = env.path
+            section = values
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[leaf] = env.convert(env.name, raw)
+        return values
 
 
 _KEY_HASH_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
@@ -401,7 +511,8 @@ class _ModelEnvSource(PydanticBaseSettingsSource):
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{key} is not valid JSON: {exc}") from exc
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} must hold a JSON object, got {type(value).__name__}")
+                raise ConfigError(f"{key} must hold a JSON object, got {_json_type(value)}")
+            _check_fields(value, key)
             overrides[name] = value
         return {"model_overrides": overrides} if overrides else {}
 
@@ -429,7 +540,19 @@ class Settings(BaseSettings):
     )
     default_model: str = "fast"
     default_text_model: str = Field(
-        default="minilm", description="the model behind POST /embed (text only)"
+        default="minilm",
+        description=(
+            "the model behind POST /embed (text only; also MODEL_NAME): a config name, or a hub "
+            "id or directory, registered under its last path component (see `text_model`)"
+        ),
+    )
+    clip_model: str | None = Field(
+        default=None,
+        description=(
+            "CLIP_MODEL: the default model's weights, a transformers hub id or directory "
+            "('openai/clip-vit-large-patch14'), 'hf-hub:'/'local-dir:' or an open_clip "
+            "architecture"
+        ),
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     cuda_precision: Precision = "fp16"
@@ -452,6 +575,45 @@ class Settings(BaseSettings):
             raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
         return value
 
+    @field_validator("default_text_model")
+    @classmethod
+    def _check_text_model(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("default_text_model (MODEL_NAME) must not be empty")
+        if not is_config_name(value):
+            source_config_name(value)  # raises when no config name can be derived
+        return value
+
+    @field_validator("clip_model")
+    @classmethod
+    def _check_clip_model(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _text_model_is_not_the_default_model(self) -> Settings:
+        if self.text_model_source is not None and self.text_model == self.default_model:
+            raise ValueError(
+                f"default_text_model (MODEL_NAME) {self.default_text_model!r} would be registered "
+                f"as '{self.text_model}', the default model: rename its folder, or register it "
+                "in the config file and give its config name"
+            )
+        return self
+
+    @property
+    def text_model_source(self) -> str | None:
+        """The hub id or directory of the /embed model when ``default_text_model`` is one (then
+        ``load_model_specs`` registers it as ``text_model``); None for a config name."""
+        return None if is_config_name(self.default_text_model) else self.default_text_model
+
+    @property
+    def text_model(self) -> str:
+        """The config name behind POST /embed."""
+        source = self.text_model_source
+        return self.default_text_model if source is None else source_config_name(source)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -464,22 +626,43 @@ class Settings(BaseSettings):
         return (
             init_settings,
             env_settings,
-            _BatchingEnvSource(settings_cls),
+            _PlainEnvSource(settings_cls),
             _ModelEnvSource(settings_cls),
             file_secret_settings,
         )
 
 
 def _validate_name(name: str, source: str) -> None:
-    if not _MODEL_NAME_RE.match(name):
+    if not is_config_name(name):
         raise ConfigError(
             f"{source}: invalid model config name '{name}' "
             "(letters, digits, '.', '_' and '-'; at most 64 characters)"
         )
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    return "an array" if isinstance(value, list) else "a string"
+
+
+_WRAPPER_KEY = "models"
+
+
 def read_registry_file(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a `models.json` file: a JSON object mapping config names to (partial) specs."""
+    """Read a ``models.json`` file into config name -> (partial) spec fields.
+
+    The documented shape is ``{"models": {"fast": {...}, ...}}`` (seed 000); the bare mapping
+    ``{"fast": {...}}`` is accepted too (so no bare model can be called ``models``). Each entry's
+    fields are validated here, so errors name the file and the model; whether a spec is complete
+    (has a model_name) is known only once merged with the built-ins (``merge_model_specs``)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -489,12 +672,33 @@ def read_registry_file(path: Path) -> dict[str, dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"model config file {path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"model config file {path} must hold a JSON object of name -> spec")
-    for name, entry in raw.items():
+        raise ConfigError(
+            f"model config file {path} must hold a JSON object, "
+            f'{{"models": {{name: spec, ...}}}}, not {_json_type(raw)}'
+        )
+    entries = raw
+    if _WRAPPER_KEY in raw:
+        others = sorted(key for key in raw if key != _WRAPPER_KEY)
+        if others:
+            raise ConfigError(
+                f'{path}: a top-level "models" cannot be mixed with other keys '
+                f'({", ".join(repr(k) for k in others[:5])}): put every model inside "models"'
+            )
+        entries = raw[_WRAPPER_KEY]
+        if not isinstance(entries, dict):
+            raise ConfigError(
+                f'{path}: "models" must be a JSON object of config name -> spec, '
+                f"not {_json_type(entries)}"
+            )
+    for name, fields in entries.items():
         _validate_name(name, str(path))
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: model '{name}' must be a JSON object")
-    return raw
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"{path}: model '{name}' must be a JSON object of spec fields, "
+                f"not {_json_type(fields)}"
+            )
+        _check_fields(fields, f"{path}: model '{name}'")
+    return entries
 
 
 def merge_model_specs(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelSpec]:
@@ -506,18 +710,63 @@ def merge_model_specs(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Mod
     specs: dict[str, ModelSpec] = {}
     for name, fields in merged.items():
         _validate_name(name, "model registry")
+        if "model_name" not in fields:
+            raise ConfigError(
+                f"model '{name}' has no model_name: a model that is not built in needs one "
+                "(in the config file or its MODEL_CONFIG_<NAME> variable)"
+            )
         try:
             specs[name] = ModelSpec.model_validate(fields)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"model '{name}' has an invalid spec: {problems}") from exc
+            raise ConfigError(
+                f"model '{name}' has an invalid spec: {_problems(exc.errors())}"
+            ) from exc
     return specs
 
 
+def _clip_model_fields(value: str) -> dict[str, Any]:
+    """The default model's fields for ``CLIP_MODEL``. The seed loads it with transformers
+    (``AutoModel.from_pretrained``), so a hub id or a directory is backend ``hf``."""
+    fields: dict[str, Any] = {
+        "model_name": value,
+        # The numbers and words described the weights this replaces.
+        "description": f"{value} (CLIP_MODEL)",
+        "memory_gb": None,
+        "avg_inference_time_ms": None,
+        "accuracy_score": None,
+    }
+    if value.startswith(_OPEN_CLIP_SOURCES):
+        return {**fields, "backend": "open_clip", "pretrained": None}
+    if "/" not in value and "\\" not in value:
+        # A bare name may be an open_clip architecture. open_clip's own list is the authority: no
+        # prefix regex covers 'xlm-roberta-base-ViT-B-32', 'nllb-clip-base', 'PE-Core-L-14-336'
+        # or configs added with open_clip.add_model_config. Imported only for such a value.
+        import open_clip
+
+        if value in open_clip.list_models():
+            # pretrained is left to the spec (file, MODEL_CONFIG_<NAME>): null would mean random
+            # weights, and a tag that does not fit the architecture fails its load clearly.
+            return {**fields, "backend": "open_clip"}
+    return {**fields, "backend": "hf", "pretrained": None}
+
+
+def _environment_models(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The layer of the seed variables: ``CLIP_MODEL`` replaces the default model's weights,
+    ``MODEL_NAME`` holding a hub id or a directory adds the ``/embed`` model."""
+    layer: dict[str, dict[str, Any]] = {}
+    if settings.clip_model is not None:
+        layer[settings.default_model] = _clip_model_fields(settings.clip_model)
+    source = settings.text_model_source
+    if source is not None:
+        backend = "open_clip" if source.startswith(_OPEN_CLIP_SOURCES) else "sentence-transformers"
+        layer[settings.text_model] = {"model_name": source, "backend": backend, "pretrained": None}
+    return layer
+
+
 def load_model_specs(settings: Settings) -> dict[str, ModelSpec]:
-    """Built-in defaults, then the registry file, then ``MODEL_CONFIG_<NAME>`` variables."""
+    """Built-in defaults, then the registry file, then ``CLIP_MODEL``/``MODEL_NAME``, then
+    ``MODEL_CONFIG_<NAME>`` variables."""
     file_layer = read_registry_file(settings.config_path) if settings.config_path else {}
-    return merge_model_specs(BUILTIN_MODELS, file_layer, settings.model_overrides)
+    return merge_model_specs(
+        BUILTIN_MODELS, file_layer, _environment_models(settings), settings.model_overrides
+    )

@@ -1,10 +1,13 @@
-"""``clipserve score`` end to end in local mode, with the tiny real models (real loaders)."""
+"""``clipserve score`` end to end in local mode, with the tiny real models (real loaders);
+``clipserve models`` on the seed's config shape; the log level ``clipserve serve`` sets."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +183,102 @@ def test_media_root_limits_local_files(pairs: Path, config: Path, tmp_path: Path
     result = score(pairs, "-c", config, "-m", "tiny", "-o", out, "--media-root", elsewhere)
     assert result.exit_code == 1  # every row is outside the media root
     assert all("outside the media root" in r["error"] for r in read_csv(out))
+
+
+# --- clipserve models ----------------------------------------------------------------------------
+
+
+def test_models_reads_the_seeds_wrapped_config(
+    tmp_path: Path, tiny_registry: dict[str, dict[str, Any]]
+) -> None:
+    path = tmp_path / "wrapped.json"
+    hidden = {**tiny_registry["tiny-hf"], "enabled": False}
+    path.write_text(json.dumps({"models": {**tiny_registry, "tiny-hf": hidden}}))
+    result = CliRunner().invoke(app, ["models", "--config", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert {"tiny", "tiny-siglip", "fast", "minilm"} <= set(listed)
+    assert "tiny-hf" not in listed  # disabled
+    assert listed["tiny"]["model_name"] == tiny_registry["tiny"]["model_name"]
+    every = CliRunner().invoke(app, ["models", "-c", str(path), "--all", "--json"])
+    assert json.loads(every.stdout)["tiny-hf"]["enabled"] is False
+    table = CliRunner().invoke(app, ["models", "-c", str(path)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "fast (default)" in table.stdout
+    assert "minilm (/embed)" in table.stdout
+
+
+def test_models_reports_a_bad_wrapped_config_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": {"fast": {"memory_gb": -2}}}))
+    result = CliRunner().invoke(app, ["models", "--config", str(path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert f"{path}: model 'fast': memory_gb: Input should be greater than or equal to 0" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+# --- clipserve serve: the log level reaches our logging and uvicorn's loggers -----------------
+
+_LOGGERS = ("", "clipserve", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Run ``serve`` up to uvicorn's logging set-up (no server); yield the loggers' levels."""
+    import uvicorn
+
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    saved = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    levels: dict[str, int] = {}
+
+    def run(application: Any, **kwargs: Any) -> None:
+        uvicorn.Config(application, **kwargs)  # configures logging exactly as uvicorn.run does
+        levels.update({name: logging.getLogger(name).getEffectiveLevel() for name in _LOGGERS})
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    yield levels
+    for lg, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "level"),
+    [
+        ({}, [], logging.INFO),
+        ({"LOG_LEVEL": "DEBUG"}, [], logging.DEBUG),
+        ({"LOG_LEVEL": "error"}, [], logging.ERROR),
+        ({"LOG_LEVEL": "DEBUG", "CLIPSERVE_SERVER__LOG_LEVEL": "Warning"}, [], logging.WARNING),
+        (
+            {"LOG_LEVEL": "DEBUG", "CLIPSERVE_SERVER__LOG_LEVEL": "warning"},
+            ["--log-level", "ERROR"],
+            logging.ERROR,
+        ),
+        ({"LOG_LEVEL": "ERROR"}, ["--log-level", "debug"], logging.DEBUG),
+    ],
+)
+def test_serve_sets_the_log_level_everywhere(
+    served: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    flags: list[str],
+    level: int,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *flags])
+    assert result.exit_code == 0, result.output
+    assert served == dict.fromkeys(_LOGGERS, level)
+
+
+def test_serve_refuses_a_bad_log_level(
+    served: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    result = CliRunner().invoke(app, ["serve"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in result.stderr
+    assert served == {}  # never started
