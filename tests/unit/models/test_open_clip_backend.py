@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -172,7 +173,8 @@ def test_scores_match_transformers_on_converted_weights(
     # identical pixel tensors: the two libraries agree to float rounding
     ref_raw, ref_ids = _hf_reference(tiny_dirs["open_clip_as_hf"], pixels, images, texts)
     assert (raw - ref_raw).abs().max() <= 1e-4
-    assert (clip_scores(image_emb, text_emb) - ref_raw.clamp(min=0)).abs().max() <= 1e-4
+    expected = ref_raw.clamp(min=0).numpy()
+    assert np.abs(clip_scores(image_emb, text_emb) - expected).max() <= 1e-4
     assert raw.abs().max() > 1.0  # not a trivial 0 == 0
     ids = tokens.inputs["input_ids"][:, : ref_ids.shape[1]]
     assert torch.equal(ids.masked_fill(ids == 0, 49407), ref_ids)  # same token ids
@@ -195,10 +197,15 @@ def test_resolve_source_mappings(tmp_path: Path, tiny_dirs: dict[str, Path]) -> 
         "ViT-B-32",
         "laion2b_s34b_b79k",
     )
-    with pytest.raises(ModelLoadError, match=str(tmp_path / "nope.safetensors")):
-        resolve_open_clip_source("ViT-B-32", str(tmp_path / "nope.safetensors"))
-    with pytest.raises(ModelLoadError, match="open_clip_config.json"):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ModelLoadError, match="checkpoint file set as `pretrained`") as info:
+        resolve_open_clip_source("ViT-B-32", str(missing))
+    assert str(tmp_path) not in info.value.message  # clients see the message; the log the path
+    assert str(missing) in str(info.value.technical)
+    with pytest.raises(ModelLoadError, match="open_clip_config.json") as info:
         resolve_open_clip_source(f"local-dir:{tmp_path}", None)
+    assert str(tmp_path) not in info.value.message
+    assert str(tmp_path) in str(info.value.technical)
 
 
 def test_close_releases_the_model(tiny_dirs: dict[str, Path]) -> None:
