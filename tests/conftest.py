@@ -14,16 +14,14 @@ from typing import Any
 
 import pytest
 
-from clipserve.config import BATCHING_ENV_NAMES
+from clipserve.config import PLAIN_ENV_NAMES
 
 # A stray hub call must fail at once, not wait on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _key in [
-    k
-    for k in os.environ
-    if k.startswith(("MODEL_CONFIG_", "CLIPSERVE_")) or k in BATCHING_ENV_NAMES
+    k for k in os.environ if k.startswith(("MODEL_CONFIG_", "CLIPSERVE_")) or k in PLAIN_ENV_NAMES
 ]:
     del os.environ[_key]  # tests build their own settings
 
@@ -206,3 +204,85 @@ async def client_for() -> AsyncIterator[Callable[..., Any]]:
         await client.aclose()
     for manager in reversed(managers):
         await manager.__aexit__(None, None, None)
+
+
+# --- comparing floats from different calls -----------------------------------------------------
+# Matrix kernels pick code paths by batch size and CPU model (AVX2, AVX-512, thread count), so the
+# same input encoded in another call or batch composition (another request, chunk, batch size, or
+# whatever the dynamic batcher grouped it with) may differ in the last bits. Compare such values
+# with these helpers; compare exactly only the same call's output on the same inputs (e.g. the
+# float and base64 encodings of one response, or a vector deduplicated within one request). The
+# non-float parts (statuses, indices, order, texts, None) are always compared exactly.
+
+SCORE_TOLERANCE = 1e-5
+"""Absolute tolerance for CLIP scores (``max(100 * cos, 0)``, the 0-100 scale)."""
+SIMILARITY_TOLERANCE = 1e-6
+"""Absolute tolerance for values on the unit scale: cosines, relevance scores, probabilities."""
+VECTOR_MIN_COSINE = 1 - 1e-6
+"""Embedding vectors: the least cosine between the two, whose norms also agree to 1e-6."""
+
+
+def _assert_tree_close(actual: Any, expected: Any, tolerance: float, where: str) -> None:
+    """``actual == expected`` for JSON-like values, except floats, which may differ by
+    ``tolerance``; dict keys, lengths, ints, bools, strings and None must match exactly."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: {actual!r} is not a dict"
+        assert actual.keys() == expected.keys(), f"{where}: keys {list(actual)} != {list(expected)}"
+        for key, value in expected.items():
+            _assert_tree_close(actual[key], value, tolerance, f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert type(actual) is type(expected), f"{where}: {actual!r} != {expected!r}"
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            _assert_tree_close(a, e, tolerance, f"{where}[{i}]")
+    elif isinstance(expected, float) or isinstance(actual, float):
+        assert type(actual) in (int, float), f"{where}: {actual!r} != {expected!r}"
+        assert type(expected) in (int, float), f"{where}: {actual!r} != {expected!r}"
+        assert abs(actual - expected) <= tolerance, (
+            f"{where}: {actual!r} != {expected!r} within {tolerance}"
+        )
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def _assert_scores_close(actual: Any, expected: Any) -> None:
+    _assert_tree_close(actual, expected, SCORE_TOLERANCE, "scores")
+
+
+def _assert_similarities_close(actual: Any, expected: Any) -> None:
+    _assert_tree_close(actual, expected, SIMILARITY_TOLERANCE, "body")
+
+
+def _assert_vectors_close(actual: Any, expected: Any) -> None:
+    import numpy as np
+
+    a, b = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert a.shape == b.shape, f"shapes differ: {a.shape} != {b.shape}"
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    norm_a, norm_b = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    cosine = (a * b).sum(-1) / (norm_a * norm_b)
+    assert (cosine >= VECTOR_MIN_COSINE).all(), f"cosine {cosine.min()} < {VECTOR_MIN_COSINE}"
+    assert (np.abs(norm_a - norm_b) <= 1e-6 * np.maximum(norm_a, norm_b)).all(), (
+        f"norms differ: {norm_a} != {norm_b}"
+    )
+
+
+@pytest.fixture(scope="session")
+def assert_scores_close() -> Callable[[Any, Any], None]:
+    """``assert_scores_close(actual, expected)``: CLIP scores (a number, None, or lists and dicts
+    of them) from different calls, within ``SCORE_TOLERANCE``."""
+    return _assert_scores_close
+
+
+@pytest.fixture(scope="session")
+def assert_similarities_close() -> Callable[[Any, Any], None]:
+    """``assert_similarities_close(actual, expected)``: JSON bodies or values holding cosines,
+    relevance scores or probabilities from different calls, within ``SIMILARITY_TOLERANCE``."""
+    return _assert_similarities_close
+
+
+@pytest.fixture(scope="session")
+def assert_vectors_close() -> Callable[[Any, Any], None]:
+    """``assert_vectors_close(actual, expected)``: embedding vectors (or rows of them) from
+    different calls: same shape, cosine >= ``VECTOR_MIN_COSINE``, norms equal to 1e-6."""
+    return _assert_vectors_close
