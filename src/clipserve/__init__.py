@@ -18,8 +18,8 @@ _EXPORTS = {
     "Settings": "clipserve.config",
     "ModelSpec": "clipserve.config",
     "Engine": "clipserve.engine.engine",
-    "EvalItem": "clipserve.engine.engine",
-    "EvalResult": "clipserve.engine.engine",
+    "EvalItem": "clipserve.engine.tasks.evaluate",
+    "EvalResult": "clipserve.engine.tasks.evaluate",
     "create_app": "clipserve.api.app",
 }
 
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from clipserve.config import ModelSpec as ModelSpec
     from clipserve.config import Settings as Settings
     from clipserve.engine.engine import Engine as Engine
-    from clipserve.engine.engine import EvalItem as EvalItem
-    from clipserve.engine.engine import EvalResult as EvalResult
+    from clipserve.engine.tasks.evaluate import EvalItem as EvalItem
+    from clipserve.engine.tasks.evaluate import EvalResult as EvalResult
     from clipserve.local import LocalModel as LocalModel
     from clipserve.local import load_model as load_model
 

@@ -13,6 +13,13 @@ For each model it measures, on the same N distinct image-text pairs:
 It prints pairs/s, p50/p99 latency, ``batched / unbatched`` (what batching buys) and the server
 overhead ``batched time / raw time - 1`` (what HTTP, JSON, decoding and queueing cost on top of the
 model). Servers are separate processes on 127.0.0.1 with ``--preload``, measured one at a time.
+
+A second table is single-request latency at concurrency 1: the p50 of one text, and of one image
+(a JPEG data URI), per ``POST /v1/embeddings`` on the batched server, against the model's own
+batch-1 time in this process (tokenize + forward; JPEG decode + preprocess + forward), the two
+measured alternately. ``ratio`` is what the server adds: an idle device must not make a request
+wait (target at most 1.1). The requests go through a minimal keep-alive HTTP client whose bytes
+are prepared before the clock starts, so the figure is the server's, not a client library's.
 Models: ``tiny`` (a random 2-layer open_clip model built on the fly) and ``vit-b-32`` (open_clip
 ViT-B-32 with random weights: the real architecture and cost, no download).
 """
@@ -30,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,8 @@ import httpx
 import torch
 from PIL import Image
 
-from clipserve.config import BUILTIN_MODELS, ModelSpec
+from clipserve.config import BUILTIN_MODELS, MediaSettings, ModelSpec
+from clipserve.media import decode_image
 from clipserve.models.base import Backend
 from clipserve.models.loader import load_backend, resolve_device, resolve_dtype
 
@@ -55,6 +63,9 @@ _CAPTIONS = (
 )
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
+EMBEDDINGS = "/v1/embeddings"
+LATENCY_SAMPLES = 30
+"""Single requests per kind in the concurrency-1 latency measurement (at most ``pairs``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,23 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """p50 of one input at concurrency 1: through the server, and the model alone."""
+
+    kind: str
+    """'text' or 'image'."""
+    raw_ms: float
+    server_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.server_ms / self.raw_ms
+
+
+LATENCY_TARGET = 1.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +103,7 @@ class BenchResult:
     batched: LoadResult
     unbatched: LoadResult
     batch_request_pairs_per_s: float
+    latency: tuple[Latency, ...] = ()
 
     @property
     def batching_speedup(self) -> float:
@@ -111,10 +140,10 @@ def sample_pairs(n: int, size: int = 320) -> list[tuple[Image.Image, str]]:
     return [(img, f"{_CAPTIONS[i % len(_CAPTIONS)]} #{i}") for i, img in enumerate(images)]
 
 
-def _jpeg_uri(image: Image.Image) -> str:
+def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
 
 
 def bench_registry(models: Sequence[str], workdir: Path) -> dict[str, dict[str, object]]:
@@ -151,17 +180,12 @@ def _raw_pass(backend: Backend, pairs: Sequence[tuple[Image.Image, str]], batch_
 
 
 def raw_pairs_per_s(
-    spec: ModelSpec, pairs: Sequence[tuple[Image.Image, str]], batch_size: int, device: str
+    backend: Backend, pairs: Sequence[tuple[Image.Image, str]], batch_size: int
 ) -> float:
-    resolved = resolve_device(device)
-    backend = load_backend(spec, device=resolved, dtype=resolve_dtype(resolved, None, "fp16"))
-    try:
-        _raw_pass(backend, pairs[: min(len(pairs), batch_size)], batch_size)  # warm-up
-        started = time.perf_counter()
-        _raw_pass(backend, pairs, batch_size)
-        return len(pairs) / (time.perf_counter() - started)
-    finally:
-        backend.close()
+    _raw_pass(backend, pairs[: min(len(pairs), batch_size)], batch_size)  # warm-up
+    started = time.perf_counter()
+    _raw_pass(backend, pairs, batch_size)
+    return len(pairs) / (time.perf_counter() - started)
 
 
 # --- servers -----------------------------------------------------------------------------------
@@ -254,6 +278,94 @@ async def _load(base: str, bodies: Sequence[dict[str, str]], concurrency: int) -
     return LoadResult(len(bodies) / elapsed, cuts[49] * 1000, cuts[98] * 1000, failed)
 
 
+class _KeepAliveClient:
+    """A minimal HTTP/1.1 keep-alive client for the latency measurement: the request bytes are
+    built before the clock starts, so what is timed is the server and loopback, not a client
+    library (httpx spends about a millisecond per request on these 2 cores)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def __aenter__(self) -> _KeepAliveClient:
+        self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            await self._writer.wait_closed()
+
+    def request(self, path: str, body: dict[str, object]) -> bytes:
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        return head.encode() + payload
+
+    async def send(self, request: bytes) -> int:
+        """Send a prepared request; read the whole response; return its status."""
+        assert self._reader is not None
+        assert self._writer is not None
+        self._writer.write(request)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await self._reader.readexactly(length)
+        return status
+
+
+async def _latency(
+    base: str,
+    model: str,
+    backend: Backend,
+    texts: Sequence[str],
+    jpegs: Sequence[bytes],
+    uris: Sequence[str],
+) -> tuple[Latency, Latency]:
+    """p50 at concurrency 1 of one text and of one image: the model alone in this process
+    (tokenize + forward; JPEG decode + preprocess + forward) and a single-input /v1/embeddings
+    request, measured alternately (this machine's speed drifts between runs)."""
+    media = MediaSettings()
+    host, _, port = base.removeprefix("http://").partition(":")
+    async with _KeepAliveClient(host, int(port)) as client:
+
+        async def measure(
+            alone: Callable[[int], object], bodies: list[dict[str, object]]
+        ) -> tuple[float, float]:
+            requests = [client.request(EMBEDDINGS, body) for body in bodies]
+            own: list[float] = []
+            served: list[float] = []
+            for i in [0, *range(len(requests))]:  # the first round is a warm-up
+                started = time.perf_counter()
+                alone(i)
+                own.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                status = await client.send(requests[i])
+                served.append(time.perf_counter() - started)
+                if status != 200:
+                    raise RuntimeError(f"{EMBEDDINGS} answered {status} during the latency run")
+            return statistics.median(own[1:]) * 1000, statistics.median(served[1:]) * 1000
+
+        text = await measure(
+            lambda i: backend.encode_texts(backend.tokenize([texts[i]])),
+            [{"model": model, "input": [t]} for t in texts],
+        )
+        image = await measure(
+            lambda i: backend.encode_images(
+                backend.preprocess(decode_image(jpegs[i], media))[None]
+            ),
+            [{"model": model, "input": [u], "modality": "image"} for u in uris],
+        )
+    return Latency("text", *text), Latency("image", *image)
+
+
 async def _batch_request(base: str, bodies: Sequence[dict[str, str]], batch_size: int) -> float:
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         payload = {"evaluations": list(bodies), "batch_size": batch_size, "show_progress": False}
@@ -275,18 +387,28 @@ def bench_model(
     device: str,
 ) -> BenchResult:
     samples = sample_pairs(pairs)
+    jpegs = [_jpeg(img) for img, _ in samples]
+    uris = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in jpegs]
     bodies = [
-        {"image_input": _jpeg_uri(img), "text_prompt": text, "model_config_name": model}
-        for img, text in samples
+        {"image_input": uri, "text_prompt": text, "model_config_name": model}
+        for uri, (_, text) in zip(uris, samples, strict=True)
     ]
-    raw = raw_pairs_per_s(spec, samples, max_batch_size, device)
-    with server(config, model, max_batch_size=max_batch_size, device=device) as running:
-        batched = asyncio.run(_load(running.url, bodies, concurrency))
-        batch_request = asyncio.run(_batch_request(running.url, bodies, max_batch_size))
-    with server(config, model, max_batch_size=1, device=device) as running:
-        unbatched = asyncio.run(_load(running.url, bodies, concurrency))
+    texts = [text for _, text in samples][:LATENCY_SAMPLES]
+    jpegs, uris = jpegs[:LATENCY_SAMPLES], uris[:LATENCY_SAMPLES]
+    resolved = resolve_device(device)
+    backend = load_backend(spec, device=resolved, dtype=resolve_dtype(resolved, None, "fp16"))
+    try:
+        raw = raw_pairs_per_s(backend, samples, max_batch_size)
+        with server(config, model, max_batch_size=max_batch_size, device=device) as running:
+            batched = asyncio.run(_load(running.url, bodies, concurrency))
+            batch_request = asyncio.run(_batch_request(running.url, bodies, max_batch_size))
+            latency = asyncio.run(_latency(running.url, model, backend, texts, jpegs, uris))
+        with server(config, model, max_batch_size=1, device=device) as running:
+            unbatched = asyncio.run(_load(running.url, bodies, concurrency))
+    finally:
+        backend.close()
     return BenchResult(
-        model, pairs, concurrency, max_batch_size, raw, batched, unbatched, batch_request
+        model, pairs, concurrency, max_batch_size, raw, batched, unbatched, batch_request, latency
     )
 
 
@@ -333,4 +455,17 @@ def format_results(results: Sequence[BenchResult]) -> list[str]:
                 f"  {r.model}: {r.batched.failed} batched and {r.unbatched.failed} unbatched "
                 "requests failed"
             )
+    if any(r.latency for r in results):
+        lines.append("")
+        lines.append(
+            f"{'model':<9} {'C=1 latency':<11} {'model alone ms':>14} {'server p50 ms':>13} "
+            f"{'ratio':>6}  target <= {LATENCY_TARGET:g}"
+        )
+        for r in results:
+            for lat in r.latency:
+                verdict = "met" if lat.ratio <= LATENCY_TARGET else "NOT met"
+                lines.append(
+                    f"{r.model:<9} {lat.kind:<11} {lat.raw_ms:>14.1f} {lat.server_ms:>13.1f} "
+                    f"{lat.ratio:>5.2f}x  {verdict}"
+                )
     return lines

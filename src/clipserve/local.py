@@ -19,8 +19,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clipserve.config import Settings
-from clipserve.engine.engine import Embeddings, Engine, EvalItem, EvalResult
+from clipserve.engine.core import prefetch_window
+from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader, ModelStatus
+from clipserve.engine.tasks.embed import Embeddings
+from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
 from clipserve.errors import InvalidInputError
 from clipserve.media import ImageInput
 
@@ -82,7 +85,7 @@ class LocalModel:
         items = [
             EvalItem(image, text, self.name) for image, text in zip(images, texts, strict=True)
         ]
-        return self._run(self.engine.evaluate(items, batch_size=batch_size))
+        return self._run(self.engine.evaluate(items, window=_window(batch_size)))
 
     def score(
         self, images: Sequence[ImageInput], texts: Sequence[str], *, batch_size: int | None = None
@@ -104,13 +107,13 @@ class LocalModel:
         self, texts: Sequence[str], *, batch_size: int | None = None
     ) -> Embeddings:
         """Embeddings plus token counts and truncation flags."""
-        return self._run(self.engine.embed_texts(self.name, texts, batch_size=batch_size))
+        return self._run(self.engine.embed_texts(self.name, texts, window=_window(batch_size)))
 
     def embed_images(
         self, images: Sequence[ImageInput], *, batch_size: int | None = None
     ) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings (URLs, paths, data URIs, bytes, PIL)."""
-        return self._run(self.engine.embed_images(self.name, images, batch_size=batch_size))
+        return self._run(self.engine.embed_images(self.name, images, window=_window(batch_size)))
 
     def close(self) -> None:
         if self._engine is not None:
@@ -141,3 +144,8 @@ def load_model(
     :class:`clipserve.errors.ModelUnavailableError` with the reason.
     """
     return LocalModel(name, settings=settings, loader=loader)
+
+
+def _window(batch_size: int | None) -> int | None:
+    """``batch_size`` (as in the service's batch API) sets how far ahead inputs are prepared."""
+    return None if batch_size is None else prefetch_window(batch_size)

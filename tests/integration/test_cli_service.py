@@ -18,7 +18,7 @@ from typer.testing import CliRunner, Result
 
 from clipserve.cli import app as cli
 from clipserve.config import MediaSettings, Settings
-from clipserve.engine.engine import EvalItem
+from clipserve.engine.tasks.evaluate import EvalItem
 from clipserve.scoring import RemoteScorer, ScoringJob, run_job
 from clipserve.testing import FakeLoader
 

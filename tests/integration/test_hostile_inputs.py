@@ -136,7 +136,8 @@ class Case:
     media: str | None = None
     """The name of a media file whose data URI replaces "{media}" in the JSON body."""
     per_item: bool = False
-    """200, with the message as the one result's per-item error."""
+    """200, with the message as the one failing item's error (batch results, rank results,
+    classify data)."""
 
 
 def _c(id_: str, method: str, path: str, status: int, message: str = "", **kw: Any) -> Case:
@@ -236,16 +237,30 @@ for name, url in (("loopback", "http://127.0.0.1/a.png"), ("metadata", "http://1
             f"ssrf-rank-{name}",
             "POST",
             RANK,
+            200,
+            "image URL refused",
+            per_item=True,
+            json={
+                "query": "q",
+                "documents": [url, {"text": "a text"}],
+                "documents_modality": "image",
+            },
+        ),
+        _c(
+            f"ssrf-rank-query-{name}",
+            "POST",
+            RANK,
             400,
-            "documents[0]: image URL refused",
-            json={"query": "q", "documents": [url], "documents_modality": "image"},
+            "query: image URL refused",
+            json={"query": {"image": url}, "documents": ["a text"]},
         ),
         _c(
             f"ssrf-classify-{name}",
             "POST",
             CLASSIFY,
-            400,
+            200,
             "image URL refused",
+            per_item=True,
             json={"input": url, "labels": ["a", "b"]},
         ),
         _c(
@@ -323,9 +338,27 @@ CASES += [
         "url-blank",
         "POST",
         SINGLE,
-        400,
-        "image input is empty",
+        422,
+        "image_input is empty",
         json={"image_input": "   ", "text_prompt": "x"},
+    ),
+    _c(
+        "url-blank-batch",
+        "POST",
+        BATCH,
+        200,
+        "image_input is empty",
+        per_item=True,
+        json={"evaluations": [{"image_input": "   ", "text_prompt": "x"}]},
+    ),
+    _c(
+        "url-blank-classify",
+        "POST",
+        CLASSIFY,
+        200,
+        "image input is empty",
+        per_item=True,
+        json={"input": [" "], "labels": ["a"]},
     ),
 ]
 
@@ -404,8 +437,18 @@ for name, status, message in MEDIA:
         ("classify", {"input": "{media}", "labels": ["a photo", "a drawing"]}),
     ):
         path = {"single": SINGLE, "embeddings": EMB, "classify": CLASSIFY}[endpoint]
+        per_item = endpoint == "classify" and status >= 400  # an image fails alone there
         CASES.append(
-            _c(f"media-{endpoint}-{name}", "POST", path, status, message, json=body, media=name)
+            _c(
+                f"media-{endpoint}-{name}",
+                "POST",
+                path,
+                200 if per_item else status,
+                message,
+                json=body,
+                media=name,
+                per_item=per_item,
+            )
         )
 
 DATA_URIS = [
@@ -504,7 +547,6 @@ for endpoint, path in JSON_ENDPOINTS.items():
 WRONG_TYPES = [
     ("single-text-int", SINGLE, {"image_input": "x", "text_prompt": 5}, "text_prompt"),
     ("single-image-list", SINGLE, {"image_input": ["x"], "text_prompt": "x"}, "image_input"),
-    ("single-image-empty", SINGLE, {"image_input": "", "text_prompt": "x"}, "image_input"),
     (
         "single-model-int",
         SINGLE,
@@ -563,6 +605,16 @@ for name, path, body, where in WRONG_TYPES:
     CASES.append(
         _c(f"type-{name}", "POST", path, 422, f"request validation failed: {where}", json=body)
     )
+CASES.append(
+    _c(
+        "single-image-empty",
+        "POST",
+        SINGLE,
+        422,
+        "image_input is empty",
+        json={"image_input": "", "text_prompt": "x"},
+    )
+)
 
 LIMITS = [
     (
@@ -751,15 +803,24 @@ CASES += [
     ),
 ]
 for name, text in UNICODE:
+    blank = not text.strip()  # seed 003: "Text cannot be empty or whitespace-only"
     CASES.append(
-        _c(f"unicode-embed-{name}", "POST", "/embed", 200, json={"input_text": text[:1024]})
+        _c(
+            f"unicode-embed-{name}",
+            "POST",
+            "/embed",
+            422 if blank else 200,
+            "the text is empty" if blank else "",
+            json={"input_text": text[:1024]},
+        )
     )
     CASES.append(
         _c(
             f"unicode-single-{name}",
             "POST",
             SINGLE,
-            200,
+            422 if blank else 200,
+            "text_prompt is empty" if blank else "",
             json={"image_input": "{media}", "text_prompt": text},
             media="png",
         )
@@ -781,8 +842,9 @@ CASES += [
         "multipart-classify-text-file",
         "POST",
         CLASSIFY,
-        400,
+        200,
         "image could not be decoded",
+        per_item=True,
         data={"labels": ["a"]},
         files=[("files", ("x.png", b"not an image", "image/png"))],
     ),
@@ -790,8 +852,9 @@ CASES += [
         "multipart-classify-empty-file",
         "POST",
         CLASSIFY,
-        400,
-        "is empty",
+        200,
+        "the data is empty",
+        per_item=True,
         data={"labels": ["a"]},
         files=[("files", ("e.png", b"", "image/png"))],
     ),
@@ -992,9 +1055,11 @@ async def test_hostile_input(client: Any, media: dict[str, bytes], case: Case) -
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     if case.per_item:
-        (result,) = body["results"]
-        assert result["clip_score"] is None
-        assert case.message in result["error"]
+        (failed,) = [r for r in body.get("results", body.get("data")) if r["error"] is not None]
+        assert (
+            failed.get("clip_score", failed.get("relevance_score", failed.get("top_label"))) is None
+        )
+        assert case.message in failed["error"]
     elif case.status >= 400:
         assert case.message in _message(body), body
         if not isinstance(body["error"], dict):

@@ -1,4 +1,7 @@
-"""Typed dependencies: routes reach the engine, settings and metrics only through these."""
+"""Typed dependencies: routes reach the engine, settings and metrics only through these.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, a
+thread hand-off per dependency per request for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -12,17 +15,17 @@ from clipserve.engine.engine import Engine
 from clipserve.observability.metrics import Metrics
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 

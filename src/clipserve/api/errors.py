@@ -131,7 +131,7 @@ def overloaded(scope: Any, message: str) -> JSONResponse:
         429,
         message,
         code="rate_limit_exceeded",
-        headers={"Retry-After": "1"},
+        headers=retry_after(1.0),
     )
 
 
@@ -146,11 +146,14 @@ def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": message, "detail": jsonable_encoder(detail)}
 
 
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """The ``Retry-After`` header for a wait of ``seconds`` (whole seconds, rounded up, at least
+    1); none when the wait is unknown."""
+    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def _headers(exc: e.ClipServeError) -> dict[str, str]:
-    headers = {}
-    seconds = getattr(exc, "retry_after_s", None)
-    if seconds is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+    headers = retry_after(getattr(exc, "retry_after_s", None))
     if isinstance(exc, e.AuthenticationError):
         headers["WWW-Authenticate"] = 'Bearer realm="clipserve"'
     return headers

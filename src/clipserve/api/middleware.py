@@ -72,7 +72,7 @@ class CancelOnDisconnectMiddleware:
     """Cancels a request's handler when its client disconnects before the response is complete.
 
     Once the request body has been read, a watcher waits for ``http.disconnect``; if it comes
-    before the response is done, the handler task is cancelled, so its queued work is dropped
+    before the response is done, the request's task is cancelled, so its queued work is dropped
     before inference instead of being computed for nobody (work already on the device finishes).
     """
 
@@ -99,7 +99,8 @@ class CancelOnDisconnectMiddleware:
                 response_done = True
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, receive_wrapper, send_wrapper))
+        handler = asyncio.current_task()  # the request runs on this task; no second one
+        assert handler is not None
 
         async def watch() -> None:
             nonlocal disconnected
@@ -107,17 +108,18 @@ class CancelOnDisconnectMiddleware:
             while not response_done:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    if not response_done and not handler.done():
+                    if not response_done:
                         disconnected = True
                         handler.cancel()
                     return
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await handler
+            await self.app(scope, receive_wrapper, send_wrapper)
         except asyncio.CancelledError:
             if not disconnected:
                 raise  # the server itself is cancelling us
+            handler.uncancel()  # our own cancellation, handled here
             scope.setdefault("state", {})["client_disconnected"] = True
             logger.info(
                 "client disconnected; cancelled %s %s", scope.get("method"), scope.get("path")

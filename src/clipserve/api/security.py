@@ -215,7 +215,7 @@ async def guard(request: Request) -> None:
 InputBudget = Callable[[int, str], Awaitable[None]]
 
 
-def input_budget(request: Request) -> InputBudget:
+async def input_budget(request: Request) -> InputBudget:
     """A dependency for routes that take many inputs: ``await admit(n, "documents")`` refuses
     more than ``server.max_batch_items`` (422) and counts them against the caller's item rate."""
     security: Security = request.app.state.security

@@ -15,7 +15,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from clipserve.config import MediaSettings
-from clipserve.errors import InvalidImageError, MediaTooLargeError
+from clipserve.errors import MediaTooLargeError
 
 _FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
@@ -70,9 +70,7 @@ async def read_upload(upload: UploadFile, media: MediaSettings, where: str) -> b
             f"{where}: the upload is larger than the {limit}-byte limit",
             detail={"max_image_bytes": limit},
         )
-    if not data:
-        raise InvalidImageError(f"{where}: the uploaded file '{upload.filename}' is empty")
-    return data
+    return data  # an empty file fails as that input's "the data is empty" (alone, per item)
 
 
 async def read_uploads(uploads: list[UploadFile], media: MediaSettings) -> list[bytes]:

@@ -1,20 +1,41 @@
 """Dynamic batching: many small concurrent requests served by forward passes of big batches.
 
-There is one :class:`BatchQueue` per (model, modality). Its collectors (``num_batching_workers``)
-form a batch when ``max_batch_size`` items wait or when the oldest item has waited
-``batch_timeout``, whichever comes first (the clock starts at the batch's first item, not at the
-previous batch). A formed batch takes one of its device's slots (:class:`DeviceSlots`, at most
-``max_concurrent_batches`` batches in flight per device), is prepared on the CPU pool (e.g.
-tokenized) and runs on the device's single executor thread.
+There is one :class:`BatchQueue` per (model, modality), built when the model loads, and one
+:class:`DeviceSlots` per device: at most ``max_concurrent_batches`` batches in flight on it.
 
-The contract, after Ray Serve's ``_BatchQueue``: every submitted item's future gets exactly one
-outcome, a result or an exception, unless its caller cancelled it (a client that went away); then
-it is dropped before inference. Items whose deadline passed are answered
-:class:`~clipserve.errors.InferenceTimeoutError` instead of being run. A batch that fails is split
-in halves and retried, down to single items, so one poison input (or a CUDA out-of-memory error)
-fails alone; an out-of-memory error also lowers the queue's batch size. Queues are bounded: callers
-are refused (:class:`~clipserve.errors.QueueFullError`, with a drain-rate estimate for
-``Retry-After``) or wait for room until their deadline.
+**When a batch runs.** A queue's collectors (``num_batching_workers``) dispatch a batch as soon as
+
+* the device is idle (nothing in flight on it): a queue with items runs at once, so batching
+  costs nothing at low load; or
+* ``max_batch_size`` items wait; or
+* the oldest item has waited ``batch_timeout`` (this clock only matters while the device is busy).
+
+Only a batch that is ready takes a device slot; it then takes up to ``max_batch_size`` live items
+at that moment (whatever arrived while it waited for the slot rides along). A queue still forming
+its batch never holds a slot, so a text queue waiting out its timeout cannot keep an image batch
+that is ready off the only CPU slot. A batch runs on the device's single executor thread. It is
+prepared (e.g. tokenized) on the CPU pool where the device takes more than one batch at a time, so
+the next batch is ready when the current one ends (CUDA); with one slot (the CPU's) nothing could
+overlap, so it is prepared on the device thread, saving a thread hand-off.
+
+**The contract** (after Ray Serve's ``_BatchQueue``): every submitted item's future gets exactly
+one outcome, a result or an exception, unless its caller cancelled it (a client that went away);
+then it is dropped before inference. On every path:
+
+* items whose deadline passes are answered :class:`~clipserve.errors.InferenceTimeoutError` at the
+  deadline by their own timer, even while the device is stuck;
+* a batch that fails is split in halves and retried down to single items, so one poison input (or
+  a CUDA out-of-memory error) fails alone; out-of-memory also lowers the queue's batch size;
+* a batch task that ends any other way (a bug, a failure while freeing memory, a shutdown) has its
+  done-callback settle all of its items at once: an internal error, or 503 on shutdown;
+* a collector that dies has its done-callback fail the items it held and the queued ones, and a
+  new collector starts (after the next arrival, so a deterministic bug cannot spin);
+* queues are bounded: callers are refused (:class:`~clipserve.errors.QueueFullError`, with a
+  drain-rate estimate for ``Retry-After``) or wait for room until their deadline;
+* ``close`` drains until its deadline, then cancels what runs and fails what is left (503).
+
+Every task a queue starts is kept (collectors, batches), has a done-callback, and is cancelled and
+awaited by ``close``.
 """
 
 from __future__ import annotations
@@ -24,12 +45,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from clipserve.config import BatchingSettings, OverflowAction
-from clipserve.engine.capacity import free_cached_memory, is_out_of_memory
+from clipserve.engine.capacity import is_out_of_memory
+from clipserve.engine.executor import WorkerThreads
+from clipserve.engine.slots import DeviceSlots, Signal, wait_any
 from clipserve.errors import (
     ClipServeError,
     EngineNotReadyError,
@@ -37,6 +60,7 @@ from clipserve.errors import (
     InferenceTimeoutError,
     QueueFullError,
 )
+from clipserve.models.loader import release_device_memory
 from clipserve.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -59,33 +83,13 @@ FAILING_AFTER = 3
 """Consecutive failed inputs (each isolated by splitting) after which a queue reports failing."""
 
 
-def contained(func: Callable[[Any], R], arg: Any) -> R:
-    """Run model code on a worker thread so that not even ``SystemExit`` or ``KeyboardInterrupt``
-    raised there can escape into the event loop (where it would stop the server)."""
-    try:
-        return func(arg)
-    except Exception:
-        raise
-    except BaseException as exc:
-        raise RuntimeError(f"the worker thread raised {type(exc).__name__}") from exc
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
-    waiters.clear()
-
-
-async def _changed(waiters: list[asyncio.Future[None]]) -> None:
-    """Wait until someone calls ``_wake(waiters)``."""
-    waiter = asyncio.get_running_loop().create_future()
-    waiters.append(waiter)
-    try:
-        await waiter
-    finally:
-        if waiter in waiters:
-            waiters.remove(waiter)
+def deadline_error(settings: BatchingSettings) -> InferenceTimeoutError:
+    """What an input whose request's deadline passed is answered (504)."""
+    limit = settings.request_timeout
+    return InferenceTimeoutError(
+        f"the request did not finish within its {limit:g} s deadline (request_timeout)",
+        detail={"request_timeout_s": limit},
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -98,25 +102,10 @@ class _Item(Generic[P, R]):
     """Answers the item 504 at its deadline, whatever the collectors are doing."""
 
 
-class DeviceSlots:
-    """At most ``limit`` batches in flight on one device (formed, and not yet finished)."""
-
-    def __init__(self, device: str, limit: int, metrics: Metrics) -> None:
-        self.device = device
-        self.limit = limit
-        self.inflight = 0
-        self._semaphore = asyncio.Semaphore(limit)
-        self._gauge = metrics.batcher_inflight_batches.labels(device)
-
-    async def acquire(self) -> None:
-        await self._semaphore.acquire()
-        self.inflight += 1
-        self._gauge.set(self.inflight)
-
-    def release(self) -> None:
-        self.inflight -= 1
-        self._gauge.set(self.inflight)
-        self._semaphore.release()
+@dataclass(frozen=True, slots=True)
+class _Running(Generic[P, R]):
+    started: float
+    items: list[_Item[P, R]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +133,8 @@ class BatchQueue(Generic[P, R]):
     ``prepare`` (optional) turns a batch's payloads into the model's input on the CPU pool;
     ``run`` computes the batch on the device thread and returns one result per payload.
     ``probe`` (optional) runs once on the device thread before the first batch and returns the
-    largest safe batch size (see :mod:`clipserve.engine.capacity`).
+    largest safe batch size (see :mod:`clipserve.engine.capacity`). ``release_memory`` runs on
+    the device thread after an out-of-memory error, before the smaller retries.
     """
 
     def __init__(
@@ -154,27 +144,28 @@ class BatchQueue(Generic[P, R]):
         modality: str,
         run: Callable[[Any], Results[R]],
         prepare: Callable[[list[P]], Any] | None,
-        device_executor: Executor,
-        cpu_executor: Executor,
+        device_executor: WorkerThreads,
+        cpu_executor: WorkerThreads,
         slots: DeviceSlots,
         settings: BatchingSettings,
         metrics: Metrics,
         probe: Callable[[], int] | None = None,
+        release_memory: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.modality, self.device = model, modality, slots.device
         self.max_batch_size = settings.max_batch_size
         self.max_queue_size = settings.max_queue_size
         self._run, self._prepare, self._probe = run, prepare, probe
+        self._release_memory = release_memory or partial(release_device_memory, slots.device)
         self._device_executor, self._cpu_executor = device_executor, cpu_executor
         self._slots = slots
-        self._settings = settings
-        self._metrics = metrics
+        self.settings = settings
         self._items: deque[_Item[P, R]] = deque()
-        self._arrivals: list[asyncio.Future[None]] = []
-        self._room: list[asyncio.Future[None]] = []
-        self._idle: list[asyncio.Future[None]] = []
-        self._collectors: list[asyncio.Task[None]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._arrived = Signal()
+        self._room = Signal()
+        self._idle = Signal()
+        self._collectors: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], _Running[P, R]] = {}
         self._ready = asyncio.Event()
         self._probing = False
         self._closing = False
@@ -184,7 +175,6 @@ class BatchQueue(Generic[P, R]):
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.last_failure_at: float | None = None
-        self._started: dict[asyncio.Task[None], float] = {}
         labels = (model, modality)
         self._m_requests = metrics.batcher_requests_total
         self._m_latency = metrics.batcher_request_latency_seconds.labels(*labels)
@@ -200,20 +190,25 @@ class BatchQueue(Generic[P, R]):
     def start(self) -> None:
         if self._probe is None:
             self._ready.set()
-        self._collectors = [
-            asyncio.create_task(self._collect(), name=f"batcher-{self.model}-{self.modality}-{i}")
-            for i in range(self._settings.num_batching_workers)
-        ]
+        for _ in range(self.settings.num_batching_workers):
+            self._start_collector(after_failure=False)
+
+    def _start_collector(self, *, after_failure: bool) -> None:
+        task = asyncio.create_task(
+            self._collect(after_failure), name=f"batcher-{self.model}-{self.modality}"
+        )
+        self._collectors.add(task)
+        task.add_done_callback(self._collector_done)
 
     async def close(self, deadline: float) -> None:
         """Stop accepting; finish queued and in-flight work until ``deadline``; fail the rest."""
         self._closing = True
-        _wake(self._room)
-        _wake(self._arrivals)
+        self._room.fire()
+        self._arrived.fire()
         try:
             async with asyncio.timeout_at(deadline):
                 while self._items or self._running:
-                    await _changed(self._idle)
+                    await wait_any(self._idle)
         except TimeoutError:
             logger.warning(
                 "batcher %s/%s: drain timed out with %d queued items and %d running batches",
@@ -228,10 +223,9 @@ class BatchQueue(Generic[P, R]):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        refused = EngineNotReadyError("the server shut down before this request was processed")
-        while self._items:
-            self._settle(self._items.popleft(), error=refused)
-        self._m_queue.set(0)
+        self._fail_queued(
+            EngineNotReadyError("the server shut down before this request was processed")
+        )
 
     # --- submitting ----------------------------------------------------------------------------
 
@@ -282,7 +276,7 @@ class BatchQueue(Generic[P, R]):
             item.timer = loop.call_at(deadline, self._expire, item)
         self._items.extend(items)
         self._m_queue.set(len(self._items))
-        _wake(self._arrivals)
+        self._arrived.fire()
         return [item.future for item in items]
 
     async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> None:
@@ -292,7 +286,7 @@ class BatchQueue(Generic[P, R]):
                     self._refuse_if_closing()
                     if condition():
                         return
-                    await _changed(self._room)
+                    await wait_any(self._room)
         except TimeoutError:
             self._m_requests.labels(self.model, self.modality, "timeout").inc()
             raise InferenceTimeoutError(
@@ -302,30 +296,75 @@ class BatchQueue(Generic[P, R]):
 
     # --- collecting ----------------------------------------------------------------------------
 
-    async def _collect(self) -> None:
+    async def _collect(self, after_failure: bool) -> None:
+        if after_failure:  # a replacement: start on new work, so a repeating bug cannot spin
+            await wait_any(self._arrived)
         await self._run_probe()
         while True:
+            await self._until_ready()
+            await self._slots.acquire()
+            batch: list[_Item[P, R]] = []
             try:
-                while not self._items:
-                    await _changed(self._arrivals)
-                await self._slots.acquire()
-                try:
-                    batch = await self._take_batch()
-                except BaseException:
-                    self._slots.release()
-                    raise
-                if not batch:
-                    self._slots.release()
-                    self._notify_idle()
-                    continue
-                task = asyncio.create_task(self._run_batch(batch))
-                self._started[task] = asyncio.get_running_loop().time()
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-            except asyncio.CancelledError:
+                batch = self._take()
+                if batch:
+                    self._launch(batch)
+            except BaseException as exc:
+                self._slots.release()
+                self._settle_all(batch, self._internal_error("forming a batch", exc))
                 raise
-            except Exception:  # a collector must never die
-                logger.exception("batcher %s/%s: collector error", self.model, self.modality)
+            if not batch:
+                self._slots.release()
+                self._notify_idle()
+
+    async def _until_ready(self) -> None:
+        """Until a batch should run: the device is idle, the batch is full, the oldest item has
+        waited ``batch_timeout``, or the queue is closing (drain at once)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._items:
+                await wait_any(self._arrived)
+                continue
+            if self._closing or self._slots.idle or len(self._items) >= self.max_batch_size:
+                return
+            remaining = self._items[0].enqueued_at + self.settings.batch_timeout - loop.time()
+            if remaining <= 0:
+                return
+            await wait_any(self._arrived, self._slots.freed, timeout=remaining)
+
+    def _take(self) -> list[_Item[P, R]]:
+        """Up to ``max_batch_size`` live items (cancelled and expired ones are dropped)."""
+        now = asyncio.get_running_loop().time()
+        batch: list[_Item[P, R]] = []
+        while self._items and len(batch) < self.max_batch_size:
+            item = self._items.popleft()
+            if self._is_live(item, now):
+                batch.append(item)
+        self._m_queue.set(len(self._items))
+        self._room.fire()
+        return batch
+
+    def _launch(self, batch: list[_Item[P, R]]) -> None:
+        """Run ``batch`` on a task that owns the slot just taken (its done-callback frees it)."""
+        task = asyncio.create_task(
+            self._run_batch(batch), name=f"batch-{self.model}-{self.modality}"
+        )
+        self._running[task] = _Running(asyncio.get_running_loop().time(), batch)
+        task.add_done_callback(self._batch_done)
+
+    def _collector_done(self, task: asyncio.Task[None]) -> None:
+        self._collectors.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        logger.error(
+            "batcher %s/%s: a collector stopped unexpectedly",
+            self.model,
+            self.modality,
+            exc_info=exc,
+        )
+        self._fail_queued(self._internal_error("collecting a batch", exc))
+        if not self._closing:
+            self._start_collector(after_failure=True)
 
     async def _run_probe(self) -> None:
         """Before the first batch: lower ``max_batch_size`` to what the device's memory fits."""
@@ -351,29 +390,6 @@ class BatchQueue(Generic[P, R]):
         finally:
             self._ready.set()
 
-    async def _take_batch(self) -> list[_Item[P, R]]:
-        """Wait until the batch is full or its oldest item has waited ``batch_timeout``, then
-        take up to ``max_batch_size`` live items (dropping cancelled and expired ones)."""
-        loop = asyncio.get_running_loop()
-        while self._items and len(self._items) < self.max_batch_size and not self._closing:
-            remaining = self._items[0].enqueued_at + self._settings.batch_timeout - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    await _changed(self._arrivals)
-            except TimeoutError:
-                break
-        batch: list[_Item[P, R]] = []
-        now = loop.time()
-        while self._items and len(batch) < self.max_batch_size:
-            item = self._items.popleft()
-            if self._is_live(item, now):
-                batch.append(item)
-        self._m_queue.set(len(self._items))
-        _wake(self._room)
-        return batch
-
     def _is_live(self, item: _Item[P, R], now: float) -> bool:
         if item.future.cancelled():
             if item.timer is not None:
@@ -390,39 +406,47 @@ class BatchQueue(Generic[P, R]):
     def _expire(self, item: _Item[P, R]) -> None:
         """The deadline passed before a result: answer 504 (a running batch's result for this
         item is then dropped; a queued item is skipped when its batch forms)."""
-        self._settle(
-            item,
-            error=InferenceTimeoutError(
-                "the request's deadline passed before its result was ready "
-                f"({self.modality} queue of model '{self.model}')"
-            ),
-        )
+        self._settle(item, error=deadline_error(self.settings))
 
     # --- running -------------------------------------------------------------------------------
 
     async def _run_batch(self, batch: list[_Item[P, R]]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = asyncio.get_running_loop().time()
         self._m_batch.observe(len(batch))
         for item in batch:
             self._m_wait.observe(started - item.enqueued_at)
-        try:
-            await self._execute(batch)
-        except asyncio.CancelledError:
-            gone = EngineNotReadyError(
+        await self._execute(batch)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        """Frees the slot and settles whatever the batch left unanswered."""
+        running = self._running.pop(task)
+        self._slots.release()
+        self.batches += 1
+        self._m_infer.observe(asyncio.get_running_loop().time() - running.started)
+        error: ClipServeError | None = None
+        if task.cancelled():
+            error = EngineNotReadyError(
                 "the server shut down before this request's result was ready"
             )
-            for item in batch:
-                self._settle(item, error=gone)
-            raise
-        finally:
-            task = asyncio.current_task()
-            self._running.discard(task)
-            self._started.pop(task, None)  # type: ignore[arg-type]
-            self._slots.release()
-            self.batches += 1
-            self._m_infer.observe(loop.time() - started)
-            self._notify_idle()
+        elif (exc := task.exception()) is not None:
+            logger.error(
+                "batcher %s/%s: a batch of %d failed unexpectedly",
+                self.model,
+                self.modality,
+                len(running.items),
+                exc_info=exc,
+            )
+            error = self._internal_error("running a batch", exc)
+        if error is not None:
+            self._settle_all(running.items, error)
+        self._notify_idle()
+
+    def _internal_error(self, what: str, exc: BaseException | None) -> InferenceError:
+        cause = f" ({type(exc).__name__})" if exc is not None else ""
+        return InferenceError(
+            f"internal error while {what} of {self.modality} inputs for model '{self.model}'"
+            f"{cause}; the details are in the server log"
+        )
 
     async def _execute(self, items: list[_Item[P, R]]) -> None:
         now = asyncio.get_running_loop().time()
@@ -432,19 +456,19 @@ class BatchQueue(Generic[P, R]):
         try:
             outputs = await self._forward([item.payload for item in live])
         except ClipServeError as exc:
-            for item in live:
-                self._settle(item, error=exc)
+            self._settle_all(live, exc)
             return
         except Exception as exc:
             await self._recover(live, exc)
             return
         if len(outputs) != len(live):
-            error = InferenceError(
-                f"model '{self.model}' returned {len(outputs)} {self.modality} results "
-                f"for {len(live)} inputs"
+            self._settle_all(
+                live,
+                InferenceError(
+                    f"model '{self.model}' returned {len(outputs)} {self.modality} results "
+                    f"for {len(live)} inputs"
+                ),
             )
-            for item in live:
-                self._settle(item, error=error)
             return
         self.consecutive_failures = 0
         for item, output in zip(live, outputs, strict=True):
@@ -455,7 +479,7 @@ class BatchQueue(Generic[P, R]):
         oom = is_out_of_memory(exc)
         if oom:
             await asyncio.get_running_loop().run_in_executor(
-                self._device_executor, free_cached_memory, self.device
+                self._device_executor, self._release_memory
             )
             if len(live) > 1 and self.max_batch_size >= len(live):
                 self.max_batch_size = max(1, len(live) // 2)
@@ -499,15 +523,16 @@ class BatchQueue(Generic[P, R]):
 
     async def _forward(self, payloads: list[P]) -> Results[R]:
         loop = asyncio.get_running_loop()
-        model_input: Any = payloads
-        if self._prepare is not None:
-            model_input = await loop.run_in_executor(
-                self._cpu_executor, contained, self._prepare, payloads
-            )
+        job: Callable[[], Results[R]]
+        if self._prepare is None:
+            job = partial(self._run, payloads)
+        elif self._slots.limit > 1:  # prepared on the CPU pool while another batch runs
+            prepared = await loop.run_in_executor(self._cpu_executor, self._prepare, payloads)
+            job = partial(self._run, prepared)
+        else:  # nothing else can run meanwhile: prepare on the device thread, one hand-off
+            job = partial(_prepare_then_run, self._prepare, self._run, payloads)
         started = loop.time()
-        outputs = await loop.run_in_executor(
-            self._device_executor, contained, self._run, model_input
-        )
+        outputs = await loop.run_in_executor(self._device_executor, job)
         elapsed = loop.time() - started
         self._m_forward.observe(elapsed)
         self._m_forward_size.observe(len(payloads))
@@ -518,6 +543,8 @@ class BatchQueue(Generic[P, R]):
             else (1 - _RATE_SMOOTHING) * self.drain_rate + _RATE_SMOOTHING * rate
         )
         return outputs
+
+    # --- outcomes ------------------------------------------------------------------------------
 
     def _settle(
         self, item: _Item[P, R], *, result: R | None = None, error: ClipServeError | None = None
@@ -537,14 +564,23 @@ class BatchQueue(Generic[P, R]):
         self._m_requests.labels(self.model, self.modality, outcome).inc()
         self._m_latency.observe(asyncio.get_running_loop().time() - item.enqueued_at)
 
+    def _settle_all(self, items: Sequence[_Item[P, R]], error: ClipServeError) -> None:
+        for item in items:
+            self._settle(item, error=error)
+
+    def _fail_queued(self, error: ClipServeError) -> None:
+        while self._items:
+            self._settle(self._items.popleft(), error=error)
+        self._m_queue.set(0)
+        self._room.fire()
+
     def _notify_idle(self) -> None:
-        if not self._items and not self._running:
-            _wake(self._idle)
-        elif self._closing:
-            _wake(self._idle)  # the drain loop re-checks
+        if self._closing or (not self._items and not self._running):
+            self._idle.fire()  # the drain loop re-checks
 
     def stats(self) -> QueueStats:
         now = asyncio.get_running_loop().time()
+        oldest = min((r.started for r in self._running.values()), default=None)
         return QueueStats(
             model=self.model,
             modality=self.modality,
@@ -557,8 +593,14 @@ class BatchQueue(Generic[P, R]):
             consecutive_failures=self.consecutive_failures,
             last_error=self.last_error,
             last_failure_at=self.last_failure_at,
-            running_for_s=now - min(self._started.values()) if self._started else 0.0,
+            running_for_s=0.0 if oldest is None else now - oldest,
         )
+
+
+def _prepare_then_run(
+    prepare: Callable[[list[P]], Any], run: Callable[[Any], Results[R]], payloads: list[P]
+) -> Results[R]:
+    return run(prepare(payloads))
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,7 +615,7 @@ class Batcher:
     """All queues and device slots of one engine."""
 
     def __init__(
-        self, settings: BatchingSettings, metrics: Metrics, cpu_executor: Executor
+        self, settings: BatchingSettings, metrics: Metrics, cpu_executor: WorkerThreads
     ) -> None:
         self.settings = settings
         self._metrics = metrics
@@ -589,35 +631,37 @@ class Batcher:
         model: str,
         modality: str,
         device: str,
-        device_executor: Executor,
+        device_executor: WorkerThreads,
         run: Callable[[Any], Results[R]],
         prepare: Callable[[list[P]], Any] | None = None,
         probe: Callable[[], int] | None = None,
+        release_memory: Callable[[], None] | None = None,
     ) -> BatchQueue[P, R]:
-        """The queue of ``owner`` (a loaded model) for one modality, created on first use."""
+        """Create and start the queue of ``owner`` (a loaded model) for one modality."""
+        if not self.accepting:
+            raise EngineNotReadyError("the server is shutting down and accepts no new work")
         key = (owner, modality)
-        queue = self._queues.get(key)
-        if queue is None:
-            if not self.accepting:
-                raise EngineNotReadyError("the server is shutting down and accepts no new work")
-            slots = self._slots.get(device)
-            if slots is None:
-                limit = self.settings.concurrent_batches(device)
-                slots = self._slots[device] = DeviceSlots(device, limit, self._metrics)
-            queue = BatchQueue[P, R](
-                model=model,
-                modality=modality,
-                run=run,
-                prepare=prepare,
-                device_executor=device_executor,
-                cpu_executor=self._cpu_executor,
-                slots=slots,
-                settings=self.settings,
-                metrics=self._metrics,
-                probe=probe,
-            )
-            queue.start()
-            self._queues[key] = queue
+        if key in self._queues:
+            raise ValueError(f"model '{model}' already has a {modality} queue")
+        slots = self._slots.get(device)
+        if slots is None:
+            limit = self.settings.concurrent_batches(device)
+            slots = self._slots[device] = DeviceSlots(device, limit, self._metrics)
+        queue = BatchQueue[P, R](
+            model=model,
+            modality=modality,
+            run=run,
+            prepare=prepare,
+            device_executor=device_executor,
+            cpu_executor=self._cpu_executor,
+            slots=slots,
+            settings=self.settings,
+            metrics=self._metrics,
+            probe=probe,
+            release_memory=release_memory,
+        )
+        queue.start()
+        self._queues[key] = queue
         return queue
 
     async def discard(self, owner: Hashable) -> None:

@@ -25,12 +25,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def free_cached_memory(device: str) -> None:
-    """After an OOM: give the allocator's cached blocks back before retrying smaller batches."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def batch_size_for_memory(
     *, free_bytes: int, one_item_peak: int, two_item_peak: int, limit: int
 ) -> int:

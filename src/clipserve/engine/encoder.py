@@ -1,9 +1,15 @@
-"""Encoding a request's texts and images through the batcher.
+"""Encoding a request's texts and images through its model's batcher queues.
 
-Each request deduplicates its inputs (an image or text that appears twice is fetched and encoded
-once) and keeps at most ``window`` of them in flight: images are fetched, decoded and preprocessed
-on the CPU pool while earlier ones wait in the queue or run, so a big request is pipelined and a
-small one shares forward passes with whatever else is queued.
+A model's queues are built once, when it loads (:meth:`Encoder.build_queues` is the registry's
+``on_load``). Each request deduplicates its inputs (an image or text that appears twice is fetched
+and encoded once; an image's identity is computed once, in :func:`image_ref`) and keeps at most
+``window`` of them in flight: images are fetched, then decoded and preprocessed in one job on the
+CPU pool, while earlier ones wait in the queue or run, so a big request is pipelined and a small
+one shares forward passes with whatever else is queued.
+
+Contract: :meth:`Encoder.texts` and :meth:`Encoder.images` return one outcome per distinct input,
+a result or that input's :class:`~clipserve.errors.ClipServeError` (its deadline passing
+included); they raise only when cancelled.
 """
 
 from __future__ import annotations
@@ -13,20 +19,23 @@ import hashlib
 import logging
 import re
 import time
-import weakref
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from clipserve.config import Settings
-from clipserve.engine.batcher import Batcher, BatchQueue, contained
+from clipserve.engine.batcher import Batcher, BatchQueue, deadline_error
 from clipserve.engine.capacity import probe_batch_size
+from clipserve.engine.executor import WorkerThreads
 from clipserve.engine.registry import ModelHandle
-from clipserve.errors import ClipServeError, InferenceError, InvalidInputError
+from clipserve.errors import (
+    ClipServeError,
+    InferenceError,
+    InvalidInputError,
+)
 from clipserve.media import ImageInput, ImageLoader
 from clipserve.models.base import Modality, TokenizedTexts
 from clipserve.observability.metrics import Metrics
@@ -48,45 +57,50 @@ class TextOutcome:
     token_count: int
 
 
-def image_key(value: ImageInput) -> str:
-    """Identity of an image input for deduplication within one request."""
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """An image input with its identity within a request (computed once)."""
+
+    key: str
+    value: ImageInput
+
+
+def image_ref(value: ImageInput) -> ImageRef:
+    """Strings are their own key; bytes are keyed by their digest; PIL images by identity."""
     if isinstance(value, str):
-        return value
+        return ImageRef(value, value)
     if isinstance(value, bytes):
-        return "bytes:" + hashlib.sha1(value, usedforsecurity=False).hexdigest()
-    return f"pil:{id(value)}"
+        return ImageRef("bytes:" + hashlib.sha1(value, usedforsecurity=False).hexdigest(), value)
+    return ImageRef(f"pil:{id(value)}", value)
 
 
-def as_error(exc: BaseException, what: str) -> ClipServeError:
-    if isinstance(exc, ClipServeError):
-        return exc
-    logger.error("unexpected error while %s", what, exc_info=exc)
-    return InferenceError(f"internal error while {what}")
+def stack(vectors: Sequence[torch.Tensor], dim: int = 0) -> np.ndarray:
+    """``(n, dim)`` float32 rows of CPU vectors, copied with numpy: no torch operator runs off the
+    device thread (see :mod:`clipserve.engine.executor`)."""
+    if not vectors:
+        return np.zeros((0, dim), np.float32)
+    return np.stack([v.numpy() for v in vectors]).astype(np.float32, copy=False)
 
 
-class EmbeddingCache:
-    """A small LRU of text embeddings per loaded model (classification labels); entries die with
-    the model."""
+TextOutcomes = dict[str, TextOutcome | ClipServeError]
+ImageOutcomes = dict[str, torch.Tensor | ClipServeError]
 
-    def __init__(self, max_entries: int = 4096) -> None:
-        self._max = max_entries
-        self._per_model: weakref.WeakKeyDictionary[ModelHandle, OrderedDict[str, TextOutcome]] = (
-            weakref.WeakKeyDictionary()
+
+def text_problem(text: str, max_chars: int) -> InvalidInputError | None:
+    """Why ``text`` cannot be encoded, or None."""
+    if not text.strip():
+        return InvalidInputError("the text is empty (or only whitespace)")
+    if len(text) > max_chars:
+        return InvalidInputError(
+            f"text is {len(text)} characters long; the limit is {max_chars}",
+            detail={"max_prompt_chars": max_chars},
         )
-
-    def get(self, handle: ModelHandle, key: str) -> TextOutcome | None:
-        entries = self._per_model.get(handle)
-        if entries is None or key not in entries:
-            return None
-        entries.move_to_end(key)
-        return entries[key]
-
-    def put(self, handle: ModelHandle, key: str, value: TextOutcome) -> None:
-        entries = self._per_model.setdefault(handle, OrderedDict())
-        entries[key] = value
-        entries.move_to_end(key)
-        while len(entries) > self._max:
-            entries.popitem(last=False)
+    if UNPAIRED_SURROGATE.search(text):
+        return InvalidInputError(
+            "text holds an unpaired UTF-16 surrogate (such as \\ud800), which is not "
+            "valid Unicode; send the whole character or drop it"
+        )
+    return None
 
 
 class Encoder:
@@ -96,7 +110,7 @@ class Encoder:
         *,
         batcher: Batcher,
         images: ImageLoader,
-        cpu_executor: Executor,
+        cpu_executor: WorkerThreads,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
@@ -107,8 +121,11 @@ class Encoder:
 
     # --- queues --------------------------------------------------------------------------------
 
-    def queue(self, handle: ModelHandle, modality: Modality) -> BatchQueue[Any, Any]:
-        """The model's queue for one modality (created, and on CUDA probed, on first use)."""
+    def build_queues(self, handle: ModelHandle) -> None:
+        """Create (and start) the model's queues, one per modality it encodes."""
+        handle.queues = {m: self._queue(handle, m) for m in sorted(handle.info.modalities)}
+
+    def _queue(self, handle: ModelHandle, modality: Modality) -> BatchQueue[Any, Any]:
         backend = handle.backend
         run: Callable[[Any], Any]
         prepare: Callable[[list[Any]], Any] | None
@@ -158,109 +175,105 @@ class Encoder:
         """Refuse (429) or hold a new request while a queue it needs is full."""
         overflow = self._settings.batching.queue_overflow_action
         for modality in dict.fromkeys(modalities):
-            await self.queue(handle, modality).admit(overflow, deadline)
+            await handle.queues[modality].admit(overflow, deadline)
 
     # --- texts ---------------------------------------------------------------------------------
 
     async def texts(
-        self,
-        handle: ModelHandle,
-        values: Sequence[str],
-        *,
-        deadline: float,
-        window: int,
-        out: dict[str, TextOutcome | ClipServeError],
-    ) -> None:
-        """Encode each distinct text into ``out`` (an outcome or the item's error)."""
+        self, handle: ModelHandle, values: Sequence[str], *, deadline: float, window: int
+    ) -> TextOutcomes:
+        """Encode each distinct text: its outcome, or its error."""
         limit = self._settings.server.max_prompt_chars
+        out: TextOutcomes = {}
         todo: dict[str, str] = {}
         for text in dict.fromkeys(values):
-            if len(text) > limit:
-                out[text] = InvalidInputError(
-                    f"text is {len(text)} characters long; the limit is {limit}",
-                    detail={"max_prompt_chars": limit},
-                )
-            elif UNPAIRED_SURROGATE.search(text):
-                out[text] = InvalidInputError(
-                    "text holds an unpaired UTF-16 surrogate (such as \\ud800), which is not "
-                    "valid Unicode; send the whole character or drop it"
-                )
-            else:
+            problem = text_problem(text, limit)
+            if problem is None:
                 todo[text] = text
-        if not todo:
-            return
+            else:
+                out[text] = problem
 
         async def as_payload(text: str) -> str:
             return text
 
-        queue = self.queue(handle, "text")
-        await _through(queue, todo, as_payload, deadline=deadline, window=window, out=out)
+        queue = handle.queues["text"] if todo else None
+        if queue is not None:
+            out.update(await _through(queue, todo, as_payload, deadline=deadline, window=window))
+        return out
 
     # --- images --------------------------------------------------------------------------------
 
     async def images(
         self,
         handle: ModelHandle,
-        values: Sequence[ImageInput],
+        refs: Sequence[ImageRef],
         *,
         deadline: float,
         window: int,
-        out: dict[str, torch.Tensor | ClipServeError],
         on_done: Callable[[str], None] | None = None,
-    ) -> None:
-        """Fetch, decode, preprocess and encode each distinct image into ``out``."""
-        unique: dict[str, ImageInput] = {}
-        for value in values:
-            unique.setdefault(image_key(value), value)
+    ) -> ImageOutcomes:
+        """Fetch, decode, preprocess and encode each distinct image: its embedding or error."""
+        unique = {ref.key: ref.value for ref in refs}
         if not unique:
-            return
-        queue = self.queue(handle, "image")
+            return {}
 
         async def prepare(value: ImageInput) -> torch.Tensor:
-            return await self._prepare_image(handle, value)
+            started = time.perf_counter()
+            loaded = await self._images.load(value, handle.backend.preprocess)
+            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
+                time.perf_counter() - started
+            )
+            return loaded.image
 
-        await _through(
-            queue, unique, prepare, deadline=deadline, window=window, out=out, on_done=on_done
+        return await _through(
+            handle.queues["image"],
+            unique,
+            prepare,
+            deadline=deadline,
+            window=window,
+            on_done=on_done,
         )
 
-    async def _prepare_image(self, handle: ModelHandle, value: ImageInput) -> torch.Tensor:
-        started = time.perf_counter()
-        loaded = await self._images.load(value)
-        loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(
-            self._cpu, contained, handle.backend.preprocess, loaded.image
-        )
-        self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
-            time.perf_counter() - started
-        )
-        return pixels
+
+def as_error(exc: BaseException, what: str) -> ClipServeError:
+    if isinstance(exc, ClipServeError):
+        return exc
+    logger.error("unexpected error while %s", what, exc_info=exc)
+    return InferenceError(f"internal error while {what}")
 
 
 async def _through(
-    queue: BatchQueue[Any, Any],
-    inputs: dict[str, K],
+    queue: BatchQueue[Any, V],
+    inputs: Mapping[str, K],
     prepare: Callable[[K], Awaitable[Any]],
     *,
     deadline: float,
     window: int,
-    out: dict[str, Any],
     on_done: Callable[[str], None] | None = None,
-) -> None:
-    """Prepare each input and put it through ``queue``, at most ``window`` at a time; each key's
-    outcome (a result or its error) lands in ``out``."""
+) -> dict[str, V | ClipServeError]:
+    """Prepare each input and put it through ``queue``, at most ``window`` at a time, each under
+    the request's deadline; returns each key's result or error."""
     slots = asyncio.Semaphore(max(1, window))
+    out: dict[str, V | ClipServeError] = {}
 
     async def one(key: str, value: K) -> None:
-        async with slots:
-            try:
+        try:
+            async with asyncio.timeout_at(deadline), slots:
                 payload = await prepare(value)
                 (future,) = await queue.submit([payload], deadline=deadline)
                 out[key] = await future
-            except ClipServeError as exc:
-                out[key] = exc
-            except Exception as exc:
-                out[key] = as_error(exc, f"preparing a {queue.modality} input")
+        except TimeoutError:
+            out[key] = deadline_error(queue.settings)
+        except ClipServeError as exc:
+            out[key] = exc
+        except Exception as exc:
+            out[key] = as_error(exc, f"preparing a {queue.modality} input")
         if on_done is not None:
             on_done(key)
 
-    await asyncio.gather(*(one(key, value) for key, value in inputs.items()))
+    if len(inputs) == 1:  # the common single-input request: no task to spawn
+        ((key, value),) = inputs.items()
+        await one(key, value)
+    else:
+        await asyncio.gather(*(one(key, value) for key, value in inputs.items()))
+    return out

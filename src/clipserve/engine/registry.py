@@ -4,6 +4,18 @@ Every model config name has an entry with a state (``not_loaded`` → ``loading`
 ``error``). Requests take a *lease* on a loaded model (``async with registry.use(name)``); a model
 that is removed, disabled or changed by a reload is retired and its weights are released only when
 its last lease ends, so in-flight requests always finish on the model they started with.
+
+Concurrency contract:
+
+* a load runs once however many callers wait (they await it shielded: a caller that goes away
+  cannot cancel a load others wait for), on the loader threads, never on the event loop;
+* a retired or closed handle is never handed out: a caller whose shielded wait returns a handle
+  retired meanwhile asks again;
+* loads and closes run on tasks the registry owns (kept, with a done-callback that logs), never
+  inside a request's ``finally`` that a client disconnect could cancel; ``close`` waits for them
+  up to a time limit and abandons (and reports) what is still running, such as a close queued
+  behind a stuck forward pass;
+* when a handle is closed its metric series go too (unless the name is live again).
 """
 
 from __future__ import annotations
@@ -12,17 +24,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from clipserve.config import ModelSpec, Settings, load_model_specs
-from clipserve.engine.executor import Executors
+from clipserve.engine.executor import Executors, WorkerThreads
 from clipserve.errors import (
     ClipServeError,
     ConfigError,
@@ -30,11 +42,25 @@ from clipserve.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
-from clipserve.models.base import Backend, BackendInfo
+from clipserve.models.base import Backend, BackendInfo, Modality
 from clipserve.models.loader import resolve_device, resolve_dtype
 from clipserve.observability.metrics import Metrics
 
+if TYPE_CHECKING:
+    from clipserve.engine.batcher import BatchQueue
+
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _SupersededError(ModelUnavailableError):
+    """The entry being loaded was replaced by a config reload meanwhile: waiters ask again."""
+
+
+CLOSE_TIMEOUT_S = 10.0
+"""How long closing one model may wait for its device thread (behind queued forward passes)."""
+_HANDOUT_ATTEMPTS = 3
 
 # Fields whose change means the weights must be loaded again; others (description...) are metadata.
 _LOAD_FIELDS = ("model_name", "pretrained", "backend", "device", "precision")
@@ -53,14 +79,16 @@ class ModelState(StrEnum):
 
 @dataclass(eq=False)
 class ModelHandle:
-    """A loaded backend with the executor its forward passes run on."""
+    """A loaded backend with the executor its forward passes run on and its batcher queues."""
 
     name: str
     spec: ModelSpec
     backend: Backend
-    executor: ThreadPoolExecutor
+    executor: WorkerThreads
     """The device's single thread: every forward pass of this model runs there."""
     device: str
+    queues: Mapping[Modality, BatchQueue[Any, Any]] = field(default_factory=dict)
+    """Built when the model loads (the registry's ``on_load``), closed when it unloads."""
     leases: int = 0
     retired: bool = False
     closed: bool = False
@@ -122,10 +150,13 @@ class ModelRegistry:
         executors: Executors,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        on_load: Callable[[ModelHandle], None] | None = None,
         on_unload: Callable[[ModelHandle], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_load = on_load
         self._on_unload = on_unload
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._loader = loader
         self._executors = executors
         self._metrics = metrics
@@ -181,31 +212,57 @@ class ModelRegistry:
 
     async def get(self, name: str) -> ModelHandle:
         """The loaded model, loading it first (once, however many callers wait)."""
-        entry = self._entry(name)
-        if entry.handle is not None:
-            return entry.handle
-        if entry.state is ModelState.ERROR and entry.failed_at is not None:
-            wait = self._settings.model_retry_interval_s - (self._clock() - entry.failed_at)
-            if wait > 0:
-                raise ModelUnavailableError(
-                    name, entry.error or "failed to load", retry_after_s=wait
-                )
-        if entry.load_task is None:
-            entry.load_task = asyncio.create_task(self._load(entry), name=f"load-{name}")
-        # Shielded: a caller that goes away must not cancel a load others are waiting for.
-        return await asyncio.shield(entry.load_task)
+        for _ in range(_HANDOUT_ATTEMPTS):
+            entry = self._entry(name)
+            if entry.handle is not None:
+                return entry.handle
+            if entry.state is ModelState.ERROR and entry.failed_at is not None:
+                wait = self._settings.model_retry_interval_s - (self._clock() - entry.failed_at)
+                if wait > 0:
+                    raise ModelUnavailableError(
+                        name, entry.error or "failed to load", retry_after_s=wait
+                    )
+            if entry.load_task is None:
+                entry.load_task = self._spawn(self._load(entry), f"load-{name}")
+            try:
+                # Shielded: a caller that goes away must not cancel a load others wait for.
+                handle = await asyncio.shield(entry.load_task)
+            except _SupersededError:
+                continue  # the config changed while loading: load what it says now
+            if not handle.retired:  # a reload may have retired it while this caller waited
+                return handle
+        raise ModelUnavailableError(
+            name, "the model was reloaded while loading; retry", retry_after_s=1.0
+        )
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[ModelHandle]:
-        """Lease a loaded model for the duration of the block."""
-        handle = await self.get(name)
+    async def use(self, name: str, *, deadline: float | None = None) -> AsyncIterator[ModelHandle]:
+        """Lease a loaded model for the duration of the block. Waiting for it to load is bounded
+        by ``deadline`` (event-loop time): past it, ``TimeoutError``."""
+        async with asyncio.timeout_at(deadline):
+            handle = await self.get(name)
         handle.leases += 1
         try:
             yield handle
         finally:
             handle.leases -= 1
             if handle.retired and handle.leases == 0:
-                await self._close_handle(handle)
+                self._schedule_close(handle)
+
+    def _spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """A task the registry owns: kept until done, its failure logged, awaited by close."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, ClipServeError):  # load errors: logged there
+            logger.error("registry task %s failed", task.get_name(), exc_info=exc)
 
     async def _load(self, entry: _Entry) -> ModelHandle:
         spec = entry.spec
@@ -216,28 +273,47 @@ class ModelRegistry:
             device = resolve_device(spec.device or self._settings.device)
             dtype = resolve_dtype(device, spec.precision, self._settings.cuda_precision)
             logger.info("loading model '%s' (%s) on %s", entry.name, spec.model_name, device)
-            backend = await asyncio.to_thread(self._loader, spec, device=device, dtype=dtype)
-        except Exception as exc:
-            reason = (
-                exc.message if isinstance(exc, ClipServeError) else f"{type(exc).__name__}: {exc}"
+            backend = await asyncio.wrap_future(
+                self._executors.load(
+                    partial(self._loader, spec, device=device, dtype=dtype), entry.name
+                )
             )
-            if not isinstance(exc, ModelLoadError):
-                logger.exception("unexpected error loading model '%s'", entry.name)
+        except Exception as exc:
+            if isinstance(exc, ModelLoadError):
+                reason = exc.message
+                logger.error(
+                    "model '%s' failed to load: %s | %s",
+                    entry.name,
+                    reason,
+                    exc.technical or "no further detail",
+                    exc_info=exc,
+                )
             else:
-                logger.error("model '%s' failed to load: %s", entry.name, reason)
-            entry.state, entry.error, entry.failed_at = ModelState.ERROR, reason, self._clock()
-            entry.load_task = None
-            self._publish_state(entry.name)
+                reason = (
+                    f"unexpected error while loading ({type(exc).__name__}); "
+                    "the details are in the server log"
+                )
+                logger.exception("unexpected error loading model '%s'", entry.name)
+            self._failed(entry, reason)
             raise ModelUnavailableError(
                 entry.name, reason, retry_after_s=self._settings.model_retry_interval_s
             ) from exc
         elapsed = self._clock() - started
         device = backend.info.device
         handle = ModelHandle(entry.name, spec, backend, self._executors.device(device), device)
-        if self._entries.get(entry.name) is not entry:  # removed by a reload while loading
+        if self._entries.get(entry.name) is not entry:  # replaced by a reload while loading
             handle.retired = True
-            await self._close_handle(handle)
-            raise ModelUnavailableError(entry.name, "the model was unloaded by a config reload")
+            self._schedule_close(handle)
+            raise _SupersededError(entry.name, "the model was unloaded by a config reload")
+        if self._on_load is not None:
+            try:
+                self._on_load(handle)
+            except ClipServeError:  # the batcher refuses work: shutting down (not the model)
+                handle.retired = True
+                self._schedule_close(handle)
+                entry.state, entry.load_task = ModelState.NOT_LOADED, None
+                self._publish_state(entry.name)
+                raise
         entry.handle, entry.state, entry.load_task = handle, ModelState.LOADED, None
         entry.load_time_s, entry.loaded_at = elapsed, time.time()
         entry.failed_at = None
@@ -246,30 +322,56 @@ class ModelRegistry:
         logger.info("model '%s' loaded in %.2f s", entry.name, elapsed)
         return handle
 
+    def _failed(self, entry: _Entry, reason: str) -> None:
+        entry.state, entry.error, entry.failed_at = ModelState.ERROR, reason, self._clock()
+        entry.load_task = None
+        self._publish_state(entry.name)
+
     async def preload(self, names: list[str] | None = None) -> None:
         """Load models one after another (bounded memory peaks); failures are recorded."""
         for name in names if names is not None else self.names():
             with contextlib.suppress(ModelUnavailableError):
                 await self.get(name)
 
-    async def _retire(self, entry: _Entry) -> None:
+    def _retire(self, entry: _Entry) -> None:
         handle, entry.handle = entry.handle, None
         entry.state = ModelState.NOT_LOADED
         entry.load_task = None
         if handle is not None:
             handle.retired = True
             if handle.leases == 0:
-                await self._close_handle(handle)
+                self._schedule_close(handle)
+
+    def _schedule_close(self, handle: ModelHandle) -> None:
+        if not handle.closed:
+            handle.closed = True
+            self._spawn(self._close_handle(handle), f"close-{handle.name}")
 
     async def _close_handle(self, handle: ModelHandle) -> None:
-        if handle.closed:
-            return
-        handle.closed = True
         logger.info("unloading model '%s'", handle.name)
         if self._on_unload is not None:
             await self._on_unload(handle)
-        # On the device thread: queued forward passes of this model finish first.
-        await asyncio.get_running_loop().run_in_executor(handle.executor, handle.backend.close)
+        # On the device thread: queued forward passes of this model finish first; bounded, so a
+        # stuck forward pass cannot hold the unload (or the shutdown) forever.
+        loop = asyncio.get_running_loop()
+        try:
+            closing = loop.run_in_executor(handle.executor, handle.backend.close)
+        except RuntimeError:  # the worker threads are stopped already (shutting down)
+            handle.backend.close()
+        else:
+            try:
+                await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning(
+                    "model '%s': its device thread did not free within %.0f s (a forward pass "
+                    "is stuck?); its weights are abandoned",
+                    handle.name,
+                    CLOSE_TIMEOUT_S,
+                )
+        entry = self._entries.get(handle.name)
+        if entry is None or entry.handle is None:  # the name is not live again: forget it
+            self._metrics.forget_model(handle.name)
+            self._publish_state(handle.name)
 
     # --- hot reload ----------------------------------------------------------------------------
 
@@ -321,7 +423,7 @@ class ModelRegistry:
         result = ReloadResult()
         for name in list(self._entries):
             if name not in specs:
-                await self._retire(self._entries.pop(name))
+                self._retire(self._entries.pop(name))
                 self._metrics.forget_model(name)
                 result.removed.append(name)
         for name, spec in specs.items():
@@ -334,7 +436,7 @@ class ModelRegistry:
             elif not spec.enabled or any(
                 getattr(spec, f) != getattr(entry.spec, f) for f in _LOAD_FIELDS
             ):
-                await self._retire(entry)
+                self._retire(entry)
                 self._entries[name] = _Entry(name, spec)
                 result.changed.append(name)
             else:
@@ -354,12 +456,29 @@ class ModelRegistry:
             except Exception:  # the watcher must never die
                 logger.exception("config watcher error")
 
-    async def close(self) -> None:
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no load or close is running (at most ``timeout`` s); True when none is."""
+        pending = list(self._tasks)
+        if not pending:
+            return True
+        _, still = await asyncio.wait(pending, timeout=timeout)
+        return not still
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Retire every model and wait up to ``timeout`` s for loads and closes to finish; what
+        is still running after that is reported and abandoned."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        loads = [e.load_task for e in self._entries.values() if e.load_task is not None]
+        if loads:
+            await asyncio.wait(loads, timeout=timeout)
         for entry in list(self._entries.values()):
-            if entry.load_task is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await entry.load_task
-            await self._retire(entry)
+            self._retire(entry)
+        if not await self.drain(max(0.0, deadline - loop.time())):
+            names = sorted(task.get_name() for task in self._tasks)
+            logger.warning("registry close: abandoned after %.0f s: %s", timeout, names)
+            for task in list(self._tasks):
+                task.cancel()
 
     def _publish_state(self, name: str) -> None:
         entry = self._entries.get(name)

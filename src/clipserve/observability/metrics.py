@@ -6,7 +6,7 @@ exactly; metrics of our own are prefixed ``clipserve_``.
 
 from __future__ import annotations
 
-import contextlib
+from typing import Any, TypeVar, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +16,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SCORE_BUCKETS = tuple(float(x) for x in range(0, 101, 5))
@@ -29,132 +32,141 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.http_requests_total = Counter(
+        self._per_model: list[MetricWrapperBase] = []
+        self.http_requests_total = self._add(
+            Counter,
             "http_requests_total",
             "HTTP requests by method, route template and status code",
             ["method", "endpoint", "status"],
-            registry=r,
         )
-        self.http_request_duration_seconds = Histogram(
+        self.http_request_duration_seconds = self._add(
+            Histogram,
             "http_request_duration_seconds",
             "HTTP request latency by method and route template",
             ["method", "endpoint"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.clip_score_distribution = Histogram(
+        self.clip_score_distribution = self._add(
+            Histogram,
             "clip_score_distribution",
             "CLIP scores returned (0-100)",
             ["model"],
             buckets=_SCORE_BUCKETS,
-            registry=r,
         )
-        self.inference_time_seconds = Histogram(
+        self.inference_time_seconds = self._add(
+            Histogram,
             "inference_time_seconds",
             "Duration of one forward pass (a batch) by model and modality",
             ["model", "modality"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.image_processing_time_seconds = Histogram(
+        self.image_processing_time_seconds = self._add(
+            Histogram,
             "image_processing_time_seconds",
             "Per-image fetch + decode + preprocess time by input source",
             ["source"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.model_load_time_seconds = Gauge(
+        self.model_load_time_seconds = self._add(
+            Gauge,
             "model_load_time_seconds",
             "Seconds the last successful load of each model took",
             ["model"],
-            registry=r,
         )
-        self.evaluation_errors_total = Counter(
+        self.evaluation_errors_total = self._add(
+            Counter,
             "evaluation_errors_total",
             "Failed evaluations (single or batch items) by model and error type",
             ["model", "error_type"],
-            registry=r,
         )
-        self.batch_processing_efficiency = Gauge(
+        self.batch_processing_efficiency = self._add(
+            Gauge,
             "batch_processing_efficiency",
             "Items per second of the most recent batch evaluation request",
-            registry=r,
         )
-        self.forward_batch_size = Histogram(
+        self.forward_batch_size = self._add(
+            Histogram,
             "clipserve_forward_batch_size",
             "Items per forward pass by model and modality",
             ["model", "modality"],
             buckets=_BATCH_BUCKETS,
-            registry=r,
         )
-        self.evaluations_total = Counter(
+        self.evaluations_total = self._add(
+            Counter,
             "clipserve_evaluations_total",
             "Image-text pairs evaluated successfully by model",
             ["model"],
-            registry=r,
         )
-        self.model_state = Gauge(
+        self.model_state = self._add(
+            Gauge,
             "clipserve_model_state",
             "1 for the current load state of each model config",
             ["model", "state"],
-            registry=r,
         )
 
         # The dynamic batcher (names fixed by the API contract).
-        self.batcher_requests_total = Counter(
+        self.batcher_requests_total = self._add(
+            Counter,
             "batcher_requests_total",
             "Items submitted to the batcher by model, modality and outcome "
             "(ok, error, timeout, cancelled, rejected)",
             ["model", "modality", "outcome"],
-            registry=r,
         )
-        self.batcher_request_latency_seconds = Histogram(
+        self.batcher_request_latency_seconds = self._add(
+            Histogram,
             "batcher_request_latency_seconds",
             "Seconds from an item's enqueue to its result",
             ["model", "modality"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batcher_batch_size = Histogram(
+        self.batcher_batch_size = self._add(
+            Histogram,
             "batcher_batch_size",
             "Items per batch formed by the batcher",
             ["model", "modality"],
             buckets=_BATCH_BUCKETS,
-            registry=r,
         )
-        self.batcher_batch_wait_time_seconds = Histogram(
+        self.batcher_batch_wait_time_seconds = self._add(
+            Histogram,
             "batcher_batch_wait_time_seconds",
             "Seconds items waited in the queue before their batch started",
             ["model", "modality"],
             buckets=_WAIT_BUCKETS,
-            registry=r,
         )
-        self.batcher_inference_time_seconds = Histogram(
+        self.batcher_inference_time_seconds = self._add(
+            Histogram,
             "batcher_inference_time_seconds",
             "Seconds one batch took on its device (preparation and forward pass)",
             ["model", "modality"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batcher_queue_size = Gauge(
+        self.batcher_queue_size = self._add(
+            Gauge,
             "batcher_queue_size",
             "Items waiting in each batcher queue",
             ["model", "modality"],
-            registry=r,
         )
-        self.batcher_inflight_batches = Gauge(
+        self.batcher_inflight_batches = self._add(
+            Gauge,
             "batcher_inflight_batches",
             "Batches formed and not yet finished, per device",
             ["device"],
-            registry=r,
         )
 
-        self.rate_limit_storage_errors_total = Counter(
+        self.rate_limit_storage_errors_total = self._add(
+            Counter,
             "clipserve_rate_limit_storage_errors_total",
             "Requests let through because the rate-limit storage (Redis) failed",
-            registry=r,
         )
+
+    def _add(self, kind: type[M], name: str, documentation: str, *args: Any, **kwargs: Any) -> M:
+        """Create a metric on this registry; those labelled by model are remembered so that
+        :meth:`forget_model` can drop every series of a model."""
+        metric = cast(M, kind(name, documentation, *args, registry=self.registry, **kwargs))
+        labels = kwargs.get("labelnames", args[0] if args else ())
+        if "model" in labels:
+            self._per_model.append(metric)
+        return metric
 
     def set_model_state(self, model: str, state: str) -> None:
         for candidate in _MODEL_STATES:
@@ -163,15 +175,10 @@ class Metrics:
             )
 
     def forget_model(self, model: str) -> None:
-        """Drop the per-model gauges of a model removed from the registry."""
-        for candidate in _MODEL_STATES:
-            with contextlib.suppress(KeyError):
-                self.model_state.remove(model, candidate)
-        with contextlib.suppress(KeyError):
-            self.model_load_time_seconds.remove(model)
-        for modality in ("text", "image"):
-            with contextlib.suppress(KeyError):
-                self.batcher_queue_size.remove(model, modality)
+        """Drop every series of a model that was unloaded (its state is published again by the
+        registry while the name is still configured)."""
+        for metric in self._per_model:
+            metric.remove_by_labels({"model": model})
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

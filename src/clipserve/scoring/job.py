@@ -22,8 +22,8 @@ from typing import Any, Final, TextIO
 from rich.console import Console
 
 from clipserve.config import Settings
-from clipserve.engine.engine import EvalItem, EvalResult
 from clipserve.engine.registry import BackendLoader
+from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
 from clipserve.scoring.output import PreviewWriter, RowWriter, open_writer
 from clipserve.scoring.report import print_preview, print_summary, progress_bar
 from clipserve.scoring.rows import (

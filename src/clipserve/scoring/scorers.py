@@ -18,8 +18,10 @@ from pydantic import ValidationError
 
 from clipserve.api.schemas.evaluation import BatchEvaluationResponse
 from clipserve.config import MediaSettings, Settings
-from clipserve.engine.engine import Engine, EvalItem, EvalResult
+from clipserve.engine.core import prefetch_window
+from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
+from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
 from clipserve.errors import ClipServeError, ModelNotFoundError
 from clipserve.media import ImageInput, SourceKind, classify, read_local_image
 from clipserve.scoring.rows import ScoringInputError
@@ -98,7 +100,9 @@ class LocalScorer:
                 advance(done - reported)
             reported = max(reported, done)
 
-        results = await self.engine.evaluate(items, batch_size=batch_size, progress=progress)
+        results = await self.engine.evaluate(
+            items, window=prefetch_window(batch_size), progress=progress
+        )
         progress(len(items), len(items))
         return results
 

@@ -161,9 +161,13 @@ class FakeLoader:
     def __init__(
         self,
         fallback: Callable[..., Backend] | None = None,
+        *,
+        before_load: Callable[[ModelSpec], None] | None = None,
         **backend_options: object,
     ) -> None:
         self.fallback = fallback
+        self.before_load = before_load
+        """Called on the loading thread first (e.g. to hold a load on an event)."""
         self.backend_options = backend_options
         self.loaded: dict[str, FakeBackend] = {}
         self.load_count = 0
@@ -175,6 +179,8 @@ class FakeLoader:
             if self.fallback is None:
                 raise ModelLoadError(f"no weights for '{spec.model_name}' in this test")
             return self.fallback(spec, device=device, dtype=dtype)
+        if self.before_load is not None:
+            self.before_load(spec)
         self.load_count += 1
         if spec.model_name == "fake-broken":
             raise ModelLoadError("simulated load failure: weights not found")

@@ -62,7 +62,9 @@ async def test_single_uses_the_default_model_and_a_local_path(
     ("payload", "status", "message"),
     [
         ({"text_prompt": "x"}, 422, "request validation failed: image_input: Field required"),
-        ({"image_input": "", "text_prompt": "x"}, 422, "image_input"),
+        ({"image_input": "", "text_prompt": "x"}, 422, "image_input is empty"),
+        ({"image_input": "cat.png", "text_prompt": " "}, 422, "text_prompt is empty"),
+        ({"image_input": 5, "text_prompt": "x"}, 422, "image_input: Input should be a valid"),
         (
             {"image_input": "data:image/png;base64,AAAA", "text_prompt": "x"},
             400,
@@ -140,6 +142,33 @@ async def test_batch_keeps_order_and_reports_per_item_failures(client: Any, jpeg
     assert results[2]["model_used"] == "accurate"
     assert "unknown" in results[3]["error"]
     assert all(set(r) == RESPONSE_FIELDS for r in results)
+
+
+async def test_item_problems_fail_alone_in_a_batch_of_32(client: Any, jpeg_uri: str) -> None:
+    """A CSV row with a blank URL (or prompt, or a model that does not exist) fails alone."""
+    evaluations: list[dict[str, Any]] = [
+        {"image_input": jpeg_uri, "text_prompt": f"caption {i}"} for i in range(32)
+    ]
+    evaluations[3]["image_input"] = ""
+    evaluations[11]["text_prompt"] = ""
+    evaluations[20]["model_config_name"] = "does-not-exist"
+    response = await client.post(BATCH, json={"evaluations": evaluations})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["total_successful"], body["total_failed"]) == (29, 3)
+    errors = {i: r["error"] for i, r in enumerate(body["results"]) if r["error"] is not None}
+    assert errors[3].startswith("image_input is empty")
+    assert errors[11] == "text_prompt is empty"
+    assert errors[20].startswith("model config 'does-not-exist' is unknown")
+    assert set(errors) == {3, 11, 20}
+    assert body["results"][20]["model_used"] == "does-not-exist"
+
+
+async def test_a_structurally_broken_batch_is_422(client: Any, jpeg_uri: str) -> None:
+    for evaluations in ([{"image_input": 5, "text_prompt": "x"}], "not a list", [None]):
+        response = await client.post(BATCH, json={"evaluations": evaluations})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"].startswith("request validation failed: evaluations")
 
 
 async def test_batch_limits(

@@ -25,7 +25,9 @@ async def test_health_reports_the_batcher_and_the_default_model(
     assert batching["max_batch_size"] == 32
     assert batching["max_queue_size"] == 1000
     assert batching["items_processed"] == 2
-    assert {(q["model"], q["modality"]) for q in batching["queues"]} == {("fast", "text")}
+    queues = {(q["model"], q["modality"]): q for q in batching["queues"]}
+    assert set(queues) == {("fast", "text"), ("fast", "image")}  # built when the model loaded
+    assert queues["fast", "text"]["items"] == 2
     assert (await client.get("/ready")).json() == {"status": "ready"}
 
 

@@ -4,7 +4,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 from clipserve.config import BatchingSettings
 from clipserve.engine.batcher import Batcher, BatchQueue
+from clipserve.engine.executor import WorkerThreads
 from clipserve.errors import (
     EngineNotReadyError,
     InferenceError,
@@ -36,6 +36,8 @@ class FakeModel:
     oom_above: int | None = None
     wrong_length: bool = False
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    start_times: list[float] = field(default_factory=list)
+    """perf_counter() at the start of each forward pass (appended on the event loop)."""
     loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
@@ -47,9 +49,20 @@ class FakeModel:
     def release(self) -> None:
         self.gate.set()
 
+    def _mark_started(self, at: float) -> None:
+        self.start_times.append(at)
+        self.started.set()
+
+    async def wait_started(self, n: int) -> None:
+        """Until ``n`` forward passes have started."""
+        async with asyncio.timeout(WAIT):
+            while len(self.start_times) < n:
+                self.started.clear()
+                await self.started.wait()
+
     def run(self, payloads: list[int]) -> list[int]:
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.started.set)
+        self.loop.call_soon_threadsafe(self._mark_started, time.perf_counter())
         assert self.gate.wait(WAIT), "test gate never released"
         self.batches.append(list(payloads))
         if self.oom_above is not None and len(payloads) > self.oom_above:
@@ -66,17 +79,21 @@ class FakeModel:
 
 @pytest.fixture
 async def make_queue() -> AsyncIterator[Callable[..., tuple[BatchQueue[int, int], FakeModel]]]:
-    made: list[tuple[Batcher, FakeModel, ThreadPoolExecutor]] = []
-    cpu = ThreadPoolExecutor(2)
+    made: list[tuple[Batcher, FakeModel, WorkerThreads]] = []
+    cpu = WorkerThreads(2, "cpu")
 
     def make(
-        model: FakeModel | None = None, probe: Callable[[], int] | None = None, **options: Any
+        model: FakeModel | None = None,
+        probe: Callable[[], int] | None = None,
+        release_memory: Callable[[], None] | None = None,
+        **options: Any,
     ) -> tuple[BatchQueue[int, int], FakeModel]:
         model = model or FakeModel()
         model.loop = asyncio.get_running_loop()
         options.setdefault("batch_timeout", 0.005)
         batcher = Batcher(BatchingSettings(**options), Metrics(), cpu)
-        device = ThreadPoolExecutor(1)
+        # As many device threads as slots: only the slots limit what runs at once.
+        device = WorkerThreads(batcher.settings.concurrent_batches("cpu"), "device")
         made.append((batcher, model, device))
         queue: BatchQueue[int, int] = batcher.queue(
             "owner",
@@ -86,6 +103,7 @@ async def make_queue() -> AsyncIterator[Callable[..., tuple[BatchQueue[int, int]
             device_executor=device,
             run=model.run,
             probe=probe,
+            release_memory=release_memory,
         )
         return queue, model
 
@@ -117,15 +135,30 @@ async def test_a_full_batch_runs_without_waiting_for_the_timeout(
     assert model.batches == [[1, 2, 3, 4]]
 
 
-async def test_a_partial_batch_runs_once_its_oldest_item_waited_the_timeout(
+async def test_an_idle_device_runs_a_partial_batch_at_once(
     make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
 ) -> None:
-    queue, model = make_queue(max_batch_size=8, batch_timeout=0.05)
+    queue, model = make_queue(max_batch_size=8, batch_timeout=30.0)
     started = time.perf_counter()
     (future,) = await queue.submit([7], deadline=deadline())
     assert await results([future]) == [14]
-    assert time.perf_counter() - started >= 0.05
+    assert time.perf_counter() - started < 15.0  # did not wait out the 30 s batch timeout
     assert model.batches == [[7]]
+
+
+async def test_while_the_device_is_busy_a_partial_batch_waits_for_the_timeout(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+) -> None:
+    queue, model = make_queue(max_batch_size=8, batch_timeout=0.2, max_concurrent_batches=2)
+    model.hold()
+    first = await queue.submit([1], deadline=deadline())
+    await model.wait_started(1)  # the device is busy (one of its two slots taken)
+    submitted = time.perf_counter()
+    second = await queue.submit([2], deadline=deadline())
+    await model.wait_started(2)  # a free slot, but the batch waited for its timeout first
+    assert model.start_times[1] - submitted >= 0.2
+    model.release()
+    assert await results(first + second) == [2, 4]
 
 
 async def test_items_queued_while_the_device_is_busy_share_the_next_batch(
@@ -150,7 +183,7 @@ async def test_expired_items_are_answered_504_and_never_run(
     await asyncio.wait_for(model.started.wait(), WAIT)
     (doomed,) = await queue.submit([2], deadline=deadline(0.02))
     (fine,) = await queue.submit([3], deadline=deadline())
-    with pytest.raises(InferenceTimeoutError, match="deadline passed"):
+    with pytest.raises(InferenceTimeoutError, match=r"deadline \(request_timeout\)"):
         await asyncio.wait_for(asyncio.shield(doomed), WAIT)  # answered while the device is held
     model.release()
     outcome = await results([*busy, doomed, fine])
@@ -310,7 +343,7 @@ async def test_shutdown_fails_what_the_drain_timeout_leaves(
 
 
 async def test_device_slots_bound_the_batches_in_flight() -> None:
-    cpu, device = ThreadPoolExecutor(1), ThreadPoolExecutor(2)  # 2 threads: only slots limit
+    cpu, device = WorkerThreads(1, "cpu"), WorkerThreads(2, "device")  # 2 threads: only slots
     model = FakeModel(loop=asyncio.get_running_loop())
     model.hold()
     batcher = Batcher(
@@ -334,12 +367,103 @@ async def test_device_slots_bound_the_batches_in_flight() -> None:
     device.shutdown()
 
 
+async def test_a_queue_waiting_out_its_timeout_never_holds_the_only_slot() -> None:
+    """A text queue forming its batch (30 s timeout, device busy) must not keep an image batch
+    off the device's one slot: once the device frees, both run, far within the timeout."""
+    loop = asyncio.get_running_loop()
+    cpu, device = WorkerThreads(1, "cpu"), WorkerThreads(1, "device")
+    images, texts = FakeModel(loop=loop), FakeModel(loop=loop)
+    batcher = Batcher(BatchingSettings(max_batch_size=8, batch_timeout=30.0), Metrics(), cpu)
+    image_queue: BatchQueue[int, int] = batcher.queue(
+        "o", model="m", modality="image", device="cpu", device_executor=device, run=images.run
+    )
+    text_queue: BatchQueue[int, int] = batcher.queue(
+        "o", model="m", modality="text", device="cpu", device_executor=device, run=texts.run
+    )
+    images.hold()
+    running = await image_queue.submit([1], deadline=deadline())
+    await images.wait_started(1)  # the only CPU slot is taken
+    waiting_text = await text_queue.submit([10], deadline=deadline())
+    ready_images = await image_queue.submit(list(range(2, 10)), deadline=deadline())  # full
+    images.release()
+    assert await results(running + ready_images + waiting_text) == [
+        *(2 * i for i in range(1, 10)),
+        20,
+    ]
+    assert images.batches == [[1], list(range(2, 10))]
+    await batcher.close()
+    cpu.stop(timeout=5)
+    device.stop(timeout=5)
+
+
+async def test_a_batch_task_that_fails_unexpectedly_settles_all_its_items_at_once(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queue, _ = make_queue(max_batch_size=4, batch_timeout=30.0)
+
+    async def bug(items: list[Any]) -> None:
+        raise KeyError("a bug in the batcher")
+
+    monkeypatch.setattr(queue, "_execute", bug)
+    far = deadline(3600)  # were they left to their deadline timers, results() would time out
+    outcome = await results(await queue.submit([1, 2, 3, 4], deadline=far))
+    for error in outcome:
+        assert isinstance(error, InferenceError)
+        assert error.message.startswith(
+            "internal error while running a batch of text inputs for model 'm' (KeyError)"
+        )
+    monkeypatch.undo()
+    assert await results(await queue.submit([5], deadline=deadline())) == [10]  # slot was freed
+
+
+async def test_a_failure_while_freeing_memory_settles_the_batch(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+) -> None:
+    def broken_release() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    queue, _ = make_queue(
+        FakeModel(oom_above=1), release_memory=broken_release, max_batch_size=4, batch_timeout=30
+    )
+    outcome = await results(await queue.submit([1, 2, 3, 4], deadline=deadline(3600)))
+    assert all(
+        isinstance(o, InferenceError)
+        and "(RuntimeError); the details are in the server log" in o.message
+        for o in outcome
+    ), outcome
+
+
+async def test_a_collector_that_dies_fails_its_items_and_is_replaced(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queue, model = make_queue(max_batch_size=4)
+    real_take = queue._take  # noqa: SLF001
+    calls = 0
+
+    def take_once_broken() -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug while forming a batch")
+        return real_take()
+
+    monkeypatch.setattr(queue, "_take", take_once_broken)
+    outcome = await results(await queue.submit([1, 2], deadline=deadline(3600)))
+    assert all(
+        isinstance(o, InferenceError) and "internal error while" in o.message for o in outcome
+    ), outcome
+    assert await results(await queue.submit([3], deadline=deadline())) == [6]  # a new collector
+    assert model.seen() == [3]
+
+
 async def test_outcomes_are_counted_in_metrics(
     make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
 ) -> None:
     queue, _ = make_queue(FakeModel(fail_on=frozenset({2})), max_batch_size=4, batch_timeout=30.0)
     await results(await queue.submit([1, 2, 3, 4], deadline=deadline()))
-    counter = queue._metrics.batcher_requests_total  # noqa: SLF001
+    counter = queue._m_requests  # noqa: SLF001
     assert counter.labels("m", "text", "ok")._value.get() == 3  # noqa: SLF001
     assert counter.labels("m", "text", "error")._value.get() == 1  # noqa: SLF001
     assert queue.stats().items == 3
@@ -384,7 +508,7 @@ async def _exactly_one_answer(
 ) -> None:
     loop = asyncio.get_running_loop()
     model = FakeModel(fail_on=frozenset(poison), loop=loop)
-    cpu, device = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    cpu, device = WorkerThreads(1, "cpu"), WorkerThreads(1, "device")
     batcher = Batcher(
         BatchingSettings(
             max_batch_size=max_batch_size, max_queue_size=max_queue_size, batch_timeout=0.001

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from clipserve.config import Settings
-from clipserve.engine.engine import Content, Engine, EvalItem
+from clipserve.engine.engine import Engine
+from clipserve.engine.tasks.embed import Content
+from clipserve.engine.tasks.evaluate import EvalItem
 from clipserve.errors import (
     EngineNotReadyError,
     InferenceError,
@@ -93,7 +95,7 @@ async def test_duplicates_are_encoded_once_and_passes_follow_max_batch_size(
     distinct = [photos["astronaut"].rotate(angle) for angle in range(0, 100, 10)]  # 10 images
     items = [EvalItem(img, "same caption") for img in distinct]
     items += [EvalItem(distinct[0], "same caption"), EvalItem(distinct[1], "other caption")]
-    results = await engine.evaluate(items, batch_size=4)
+    results = await engine.evaluate(items, window=4)
 
     backend = loader.loaded["fake-fast"]
     assert sum(backend.forwards("image")) == 10  # each distinct image once
@@ -117,6 +119,10 @@ async def test_failing_items_carry_errors_and_the_rest_succeed(
         EvalItem(images["astronaut"], "text-only model", model="minilm"),
         EvalItem(images["astronaut"], "broken model", model="broken"),
         EvalItem(images["chelsea"], "also ok", model="accurate"),
+        EvalItem("", "no image"),
+        EvalItem(images["astronaut"], ""),
+        EvalItem(images["astronaut"], "   "),
+        EvalItem("  ", "blank image", model="nope"),
     ]
     results = await engine.evaluate(items)
     assert results[0].error is None
@@ -131,6 +137,11 @@ async def test_failing_items_carry_errors_and_the_rest_succeed(
     assert "cannot encode image" in results[4].error.message
     assert isinstance(results[5].error, ModelUnavailableError)
     assert all(r.score is None for r in results[1:6])
+    assert [type(r.error) for r in results[7:]] == [InvalidInputError] * 4
+    assert results[7].error is not None
+    assert results[7].error.message.startswith("image_input is empty")
+    assert [r.error.message for r in results[8:10] if r.error] == ["text_prompt is empty"] * 2
+    assert results[10].model == "nope"
     errors = engine.metrics.evaluation_errors_total
     assert errors.labels("fast", "InvalidImageError")._value.get() == 1
 
@@ -143,7 +154,7 @@ async def test_model_failure_fails_its_items_only(
     engine = engine_for(make_settings(), FakeLoader(fail_texts=frozenset({"boom"})))
     results = await engine.evaluate(
         [EvalItem(images["astronaut"], "boom"), EvalItem(images["astronaut"], "fine")],
-        batch_size=1,
+        window=1,
     )
     assert isinstance(results[0].error, InferenceError)
     assert "inference failed for model 'fast' (text)" in results[0].error.message
@@ -181,7 +192,7 @@ async def test_progress_reaches_the_total(
     seen: list[tuple[int, int]] = []
     items = [EvalItem(images["astronaut"], str(i)) for i in range(5)]
     items.append(EvalItem(images["astronaut"], "x", model="nope"))
-    await engine.evaluate(items, batch_size=2, progress=lambda d, t: seen.append((d, t)))
+    await engine.evaluate(items, window=2, progress=lambda d, t: seen.append((d, t)))
     assert (6, 6) in seen
     assert all(t == 6 for _, t in seen)
 
@@ -209,8 +220,9 @@ def test_clip_scores_clamp_at_zero() -> None:
     a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), dim=-1)
     b = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0], [-1.0, 0.0]]), dim=-1)
     scores = clip_scores(a, b)
-    assert scores[0].item() == pytest.approx(100 / 2**0.5, abs=1e-4)
-    assert scores[1].item() == 0.0
+    assert scores.dtype == np.float32
+    assert float(scores[0]) == pytest.approx(100 / 2**0.5, abs=1e-4)
+    assert float(scores[1]) == 0.0
 
 
 def test_fake_backend_is_a_backend() -> None:
@@ -325,8 +337,16 @@ async def test_rank_sorts_documents_by_similarity(
     assert sorted(r.index for r in ranking.results) == [0, 1, 2]
     scores = [r.score for r in ranking.results]
     assert scores == sorted(scores, reverse=True)
-    with pytest.raises(InvalidImageError, match=r"^documents\[1\]: image could not be decoded"):
-        await engine.rank("fast", Content.text("q"), [documents[0], Content.image(data_uri(b"x"))])
+    partial = await engine.rank(
+        "fast", Content.text("a dog"), [Content.image(data_uri(b"x")), documents[0]]
+    )
+    assert [(r.index, r.error is None) for r in partial.results] == [(1, True), (0, False)]
+    failed = partial.results[1]
+    assert failed.score is None
+    assert isinstance(failed.error, InvalidImageError)
+    assert failed.error.message.startswith("image could not be decoded")
+    with pytest.raises(InvalidImageError, match=r"^query: image could not be decoded"):
+        await engine.rank("fast", Content.image(data_uri(b"x")), documents)
 
 
 async def test_classify_gives_softmax_probabilities_and_caches_label_prompts(
@@ -337,7 +357,9 @@ async def test_classify_gives_softmax_probabilities_and_caches_label_prompts(
     loader = FakeLoader()
     engine = engine_for(make_settings(), loader)
     labels = ["astronaut", "cat", "coffee"]
-    (row,) = await engine.classify("fast", [images["astronaut"]], labels, "a photo of a {}")
+    (result,) = await engine.classify("fast", [images["astronaut"]], labels, "a photo of a {}")
+    row = result.labels
+    assert result.error is None
     assert sum(s.probability for s in row) == pytest.approx(1.0, abs=1e-5)
     assert [s.probability for s in row] == sorted((s.probability for s in row), reverse=True)
     backend = loader.loaded["fake-fast"]
@@ -346,12 +368,17 @@ async def test_classify_gives_softmax_probabilities_and_caches_label_prompts(
     cos = (image @ prompts.T)[0]
     expected = torch.softmax(cos * 100.0, dim=-1)
     (chelsea,) = await engine.classify("fast", [images["chelsea"]], labels)
-    for s in chelsea:
+    for s in chelsea.labels:
         assert s.score == pytest.approx(float(cos[s.index]), abs=1e-5)
         assert s.probability == pytest.approx(float(expected[s.index]), abs=1e-5)
     assert backend.forwards("text") == [3, 3]  # the prompts once (cached), then the check above
     with pytest.raises(InvalidInputError, match="template must contain"):
         await engine.classify("fast", [images["chelsea"]], labels, "no placeholder")
+    bad, good = await engine.classify("fast", [data_uri(b"junk"), images["chelsea"]], labels)
+    assert bad.labels == ()
+    assert isinstance(bad.error, InvalidImageError)
+    assert good.error is None
+    assert [s.label for s in good.labels] == [s.label for s in chelsea.labels]
 
 
 async def test_classify_uses_a_sigmoid_for_siglip_models(
@@ -361,7 +388,7 @@ async def test_classify_uses_a_sigmoid_for_siglip_models(
 ) -> None:
     engine = engine_for(make_settings(), FakeLoader(logit_bias_value=-10.0))
     (row,) = await engine.classify("fast", [images["astronaut"]], ["astronaut", "cat"])
-    for s in row:
+    for s in row.labels:
         assert s.probability == pytest.approx(
             float(torch.sigmoid(torch.tensor(s.score * 100.0 - 10.0))), abs=1e-5
         )
@@ -408,6 +435,7 @@ async def test_unloading_a_model_closes_its_queues(
     del fake_models["accurate"]
     write_config(fake_models)
     await engine.registry.reload()
+    assert await engine.registry.drain(10)  # the unload runs on a registry task
     assert not any(q.model == "accurate" for q in engine.batcher.stats().queues)
 
 
@@ -419,3 +447,47 @@ async def test_preload_creates_the_queues_and_probes_them(
     queues = {(q.model, q.modality) for q in engine.batcher.stats().queues}
     assert {("fast", "image"), ("fast", "text"), ("minilm", "text")} <= queues
     assert all(q.max_batch_size == 32 for q in engine.batcher.stats().queues)  # CPU: as set
+
+
+async def test_shutdown_never_hangs_on_a_stuck_forward_pass(
+    make_settings: Callable[..., Settings],
+    images: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = DeviceGate(timeout_s=60)
+    engine = Engine(
+        make_settings(batching={"drain_timeout": 0.1}), loader=FakeLoader(before_forward=gate)
+    )
+    gate.close()
+    stuck = asyncio.ensure_future(engine.evaluate_one(EvalItem(images["astronaut"], "stuck")))
+    await gate.entered()  # a forward pass that will not return
+    try:
+        async with asyncio.timeout(15):
+            await engine.close()
+        with pytest.raises(EngineNotReadyError, match="shut"):
+            await asyncio.wait_for(stuck, 5)
+        assert "abandoned" in caplog.text
+    finally:
+        gate.open()
+
+
+async def test_a_model_unloaded_by_a_reload_loses_all_its_metric_series(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+    write_config: Callable[[dict[str, Any]], Any],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    engine = engine_for(make_settings({"extra": {"model_name": "fake-extra"}}))
+    await engine.evaluate([EvalItem(images["astronaut"], "x", model="extra")])
+    await engine.evaluate([EvalItem(data_uri(b"junk"), "x", model="extra")])
+
+    def families() -> set[str]:
+        text = engine.metrics.render().decode()
+        return {line.split("{")[0] for line in text.splitlines() if 'model="extra"' in line}
+
+    assert len(families()) >= 12  # every per-model family has a series
+    write_config(fake_models)  # without "extra"
+    await engine.registry.reload()
+    assert await engine.registry.drain(10)
+    assert families() == set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ async def registry_for(clock: Clock) -> AsyncIterator[Callable[..., ModelRegistr
     yield make
     for registry, executors in made:
         await registry.close()
-        executors.shutdown()
+        executors.shutdown(5.0)
 
 
 def _touch(path: Path, models: dict[str, Any]) -> None:
@@ -137,6 +138,7 @@ async def test_reload_adds_removes_changes_and_updates(
     assert result.updated == ["fast"]
     assert await registry.get("fast") is fast  # kept loaded
     assert registry.spec("fast").description == "new words"
+    assert await registry.drain(10)
     assert accurate.backend.closed  # type: ignore[attr-defined]
     assert registry.status("accurate").state is ModelState.NOT_LOADED
     assert (await registry.get("accurate")).spec.model_name == "fake-accurate-v2"
@@ -162,6 +164,7 @@ async def test_disabling_a_model_unloads_it_after_in_flight_requests(
         assert not handle.backend.closed  # type: ignore[attr-defined]  # still serving
         with pytest.raises(ModelNotFoundError, match="disabled"):
             await registry.get("fast")
+    assert await registry.drain(10)  # the close runs on a task the registry owns
     assert handle.backend.closed  # type: ignore[attr-defined]  # released after the lease
 
 
@@ -189,3 +192,133 @@ async def test_preload_loads_enabled_models_and_records_failures(
     assert states["fast"] is ModelState.LOADED
     assert states["broken"] is ModelState.ERROR
     assert "hidden" not in states
+
+
+# --- hot reload with the seed's {"models": {...}} config shape and the bare one -----------------
+
+
+async def test_hot_reload_of_the_seeds_wrapped_config_keeps_env_overrides(
+    registry_for: Callable[..., ModelRegistry],
+    write_config: Callable[[dict[str, Any]], Path],
+    fake_models: dict[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODEL_CONFIG_HIDDEN", json.dumps({"enabled": True}))
+    path = write_config({"models": fake_models})
+    registry = registry_for(Settings(config_path=path, config_reload_interval_s=0))
+    assert "hidden" in registry.names()  # MODEL_CONFIG_ beats the file's enabled: false
+    fast = await registry.get("fast")
+
+    models = {k: v for k, v in fake_models.items() if k != "broken"}
+    models["fast"] = {**models["fast"], "description": "edited"}
+    models["accurate"] = {**models["accurate"], "enabled": False}
+    models["new"] = {"model_name": "fake-new"}
+    _touch(path, {"models": models})
+    result = await registry.check_for_changes()
+    assert result is not None
+    assert (result.added, result.removed) == (["new"], ["broken"])
+    assert (result.changed, result.updated) == (["accurate"], ["fast"])
+    assert await registry.get("fast") is fast
+    assert registry.spec("fast").description == "edited"
+    with pytest.raises(ModelNotFoundError, match="'accurate' is disabled"):
+        await registry.get("accurate")
+    assert "hidden" in registry.names()  # the override survives the reload
+    assert (await registry.get("new")).spec.model_name == "fake-new"
+    assert await registry.check_for_changes() is None
+
+
+async def test_hot_reload_between_the_bare_and_the_wrapped_shape(
+    registry_for: Callable[..., ModelRegistry],
+    write_config: Callable[[dict[str, Any]], Path],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    path = write_config(fake_models)  # bare
+    registry = registry_for(Settings(config_path=path, config_reload_interval_s=0))
+    accurate = await registry.get("accurate")
+
+    fake_models["accurate"]["model_name"] = "fake-accurate-v2"
+    _touch(path, {"models": fake_models})  # the same models, now wrapped, one changed
+    result = await registry.reload()
+    assert (result.added, result.removed, result.changed) == ([], [], ["accurate"])
+    assert accurate.retired
+    assert (await registry.get("accurate")).spec.model_name == "fake-accurate-v2"
+
+    fake_models["fast"]["description"] = "bare again"
+    _touch(path, fake_models)
+    result = await registry.reload()
+    assert (result.added, result.removed, result.updated) == ([], [], ["fast"])
+    assert registry.spec("fast").description == "bare again"
+
+
+async def test_a_bad_wrapped_reload_names_the_file_and_model_and_keeps_the_config(
+    registry_for: Callable[..., ModelRegistry],
+    write_config: Callable[[dict[str, Any]], Path],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    path = write_config({"models": fake_models})
+    registry = registry_for(Settings(config_path=path, config_reload_interval_s=0))
+    _touch(path, {"models": {**fake_models, "fast": {"memory_gb": -1}}})
+    assert await registry.check_for_changes() is None
+    assert registry.last_reload_error == (
+        f"{path}: model 'fast': memory_gb: Input should be greater than or equal to 0"
+    )
+    _touch(path, {"models": fake_models, "fast": {}})
+    with pytest.raises(ConfigError, match='a top-level "models" cannot be mixed'):
+        await registry.reload()
+    assert registry.spec("fast").model_name == "fake-fast"  # the previous config stays
+
+
+async def test_a_request_cancelled_after_a_reload_still_gets_the_model_closed(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    settings = make_settings()
+    registry = registry_for(settings)
+    leased = asyncio.Event()
+
+    async def request() -> None:
+        async with registry.use("fast"):
+            leased.set()
+            await asyncio.Event().wait()  # a long request, until its client goes away
+
+    task = asyncio.ensure_future(request())
+    await asyncio.wait_for(leased.wait(), 10)
+    handle = await registry.get("fast")
+    assert settings.config_path is not None
+    _touch(settings.config_path, {**fake_models, "fast": {"model_name": "fake-fast-v2"}})
+    await registry.reload()
+    task.cancel()  # the client disconnects: its `finally` must not be what closes the model
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await registry.drain(10)
+    assert handle.closed
+    assert handle.backend.closed  # type: ignore[attr-defined]
+
+
+async def test_a_model_replaced_while_loading_is_never_handed_out(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    fake_models: dict[str, dict[str, Any]],
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def hold_first_load(spec: Any) -> None:
+        if spec.model_name == "fake-fast":
+            entered.set()
+            assert release.wait(10)
+
+    loader = FakeLoader(before_load=hold_first_load)
+    settings = make_settings()
+    registry = registry_for(settings, loader)
+    waiting = asyncio.ensure_future(registry.get("fast"))
+    assert await asyncio.to_thread(entered.wait, 10)  # the old spec is loading
+    assert settings.config_path is not None
+    _touch(settings.config_path, {**fake_models, "fast": {"model_name": "fake-fast-v2"}})
+    await registry.reload()
+    release.set()
+    handle = await asyncio.wait_for(waiting, 10)
+    assert handle.spec.model_name == "fake-fast-v2"
+    assert not handle.retired
+    assert await registry.drain(10)
+    assert loader.loaded["fake-fast"].closed  # the superseded load was closed, not handed out

@@ -90,13 +90,13 @@ async def test_url(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes
     loaded = await loader.load(" https://img.example/astronaut.jpg ")
     assert_loaded_512(loaded, SourceKind.URL, len(jpeg))
     assert loaded.fetch_seconds > 0.0
-    assert executor.jobs == ["decode_image"]
+    assert executor.jobs == ["_decode_job"]  # everything after the download: one job
 
 
 async def test_data_uri(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes) -> None:
     loaded = await loader.load("data:image/jpeg;base64," + base64.b64encode(jpeg).decode())
     assert_loaded_512(loaded, SourceKind.DATA_URI, len(jpeg))
-    assert executor.jobs == ["_parse_data_uri", "decode_image"]  # base64 is decoded off-loop too
+    assert executor.jobs == ["_decode_job"]  # base64 is decoded off-loop too, in the same job
 
 
 async def test_path(
@@ -107,14 +107,14 @@ async def test_path(
     assert_loaded_512(
         await loader.load(str(tmp_path / "astronaut.jpg")), SourceKind.PATH, len(jpeg)
     )
-    assert executor.jobs == ["read_local_image", "decode_image"] * 2
+    assert executor.jobs == ["_decode_job"] * 2
 
 
 async def test_bytes(loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes) -> None:
     loaded = await loader.load(jpeg)
     assert_loaded_512(loaded, SourceKind.BYTES, len(jpeg))
     assert loaded.fetch_seconds == 0.0
-    assert executor.jobs == ["decode_image"]
+    assert executor.jobs == ["_decode_job"]
     assert executor.threads
     assert all(name.startswith("test-decode") for name in executor.threads)
 
@@ -126,7 +126,7 @@ async def test_pil(loader: ImageLoader, executor: RecordingExecutor) -> None:
     assert loaded.fetch_seconds == 0.0
     assert loaded.image.getpixel((0, 0)) == (255, 255, 255)
     assert original.mode == "RGBA"
-    assert executor.jobs == ["prepare_image"]
+    assert executor.jobs == ["_decode_job"]
 
 
 async def test_same_pixels_whatever_the_source(
@@ -142,6 +142,24 @@ async def test_same_pixels_whatever_the_source(
     ]
     for value in inputs:
         assert (await loader.load(value)).image.tobytes() == expected
+
+
+async def test_a_transform_runs_in_the_same_job_as_the_decode(
+    loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes
+) -> None:
+    threads: list[str] = []
+
+    def thumbnail(image: Image.Image) -> tuple[int, int]:
+        threads.append(threading.current_thread().name)
+        return image.resize((8, 8)).size
+
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    loaded = await loader.load(data_uri, thumbnail)
+    assert loaded.image == (8, 8)
+    assert loaded.num_bytes == len(jpeg)
+    assert executor.jobs == ["_decode_job"]  # parse + decode + transform: one hand-off
+    assert threads
+    assert threads[0].startswith("test-decode")
 
 
 @pytest.mark.parametrize(

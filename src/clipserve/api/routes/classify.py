@@ -44,21 +44,20 @@ async def _classify(
     labels: list[str],
     template: str,
 ) -> ClassifyResponse:
-    if any(not label.strip() for label in labels):
-        raise InvalidInputError("labels must not be empty strings")
     rows = await engine.classify(model, images, labels, template)
     return ClassifyResponse(
         model=engine.resolve_model(model),
         data=[
             Classification(
                 index=i,
-                top_label=row[0].label,
+                top_label=row.labels[0].label if row.labels else None,
                 labels=[
                     LabelResult(
                         index=s.index, label=s.label, score=s.score, probability=s.probability
                     )
-                    for s in row
+                    for s in row.labels
                 ],
+                error=row.error.message if row.error else None,
             )
             for i, row in enumerate(rows)
         ],
@@ -68,8 +67,9 @@ async def _classify(
 @router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_MULTIPART)
 async def classify(body: ClassifyRequest, engine: EngineDep, inputs: InputsDep) -> ClassifyResponse:
     """Per image, each label's cosine score and probability (softmax over logit_scale*cos across
-    the labels for CLIP, an independent sigmoid for SigLIP), most probable first. Label prompts
-    (template with the label in place of `{}`) are cached per model."""
+    the labels for CLIP, an independent sigmoid for SigLIP), most probable first; an image that
+    fails carries its `error`. Label prompts (template with the label in place of `{}`) are cached
+    per model."""
     items = body.input if isinstance(body.input, list) else [body.input]
     if not items:
         raise InvalidInputError("input must hold at least one image")
@@ -102,8 +102,6 @@ async def classify_uploads(
     template: Annotated[str, Form(min_length=2, max_length=500)] = "a photo of a {}",
 ) -> ClassifyResponse:
     parsed = _labels(labels)
-    if not parsed or len(parsed) > 1000:
-        raise InvalidInputError("send between 1 and 1000 labels")
     await inputs(len(files), "images")
     images: list[ImageInput] = list(await read_uploads(files, settings.media))
     return await _classify(engine, model, images, parsed, template)

@@ -21,7 +21,7 @@ from clipserve.api.schemas.embeddings import (
 )
 from clipserve.api.schemas.inputs import to_content
 from clipserve.api.uploads import read_uploads
-from clipserve.engine.engine import Content, Embeddings
+from clipserve.engine.tasks.embed import Content, Embeddings
 from clipserve.errors import InvalidInputError
 
 router = APIRouter(tags=["embeddings"])
@@ -31,7 +31,8 @@ openai_router = APIRouter(tags=["embeddings"], route_class=OpenAIRoute)
 def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    floats: list[float] = vector.tolist()
+    return floats
 
 
 def _response(embedded: Embeddings, encoding_format: EncodingFormat) -> EmbeddingsResponse:
@@ -67,8 +68,8 @@ async def embed(
 ) -> EmbedResponse:
     """Embed one text with the default text model (setting `default_text_model`)."""
     await inputs(1, "inputs")
-    embedded = await engine.embed(settings.default_text_model, [Content.text(body.input_text)])
-    return EmbedResponse(embedding=[float(x) for x in embedded.vectors[0]], model=embedded.model)
+    embedded = await engine.embed(settings.text_model, [Content.text(body.input_text)])
+    return EmbedResponse(embedding=embedded.vectors[0].tolist(), model=embedded.model)
 
 
 @openai_router.post("/v1/embeddings", response_model=EmbeddingsResponse)

@@ -14,8 +14,9 @@ from clipserve.api.schemas.evaluation import (
     EvaluationRequest,
     EvaluationResponse,
 )
+from clipserve.engine.core import prefetch_window
 from clipserve.engine.encoder import UNPAIRED_SURROGATE
-from clipserve.engine.engine import EvalItem, EvalResult
+from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
 from clipserve.media import describe
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ async def evaluate_batch(
     body: BatchEvaluationRequest, engine: EngineDep, inputs: InputsDep, metrics: MetricsDep
 ) -> BatchEvaluationResponse:
     """Score many pairs through the batcher (`batch_size` sets how far ahead they are prepared). A
-    failing item gets `clip_score: null` and its `error`; the others succeed. Results keep request
-    order."""
+    failing item (an empty or bad image, an empty prompt, an unknown model...) gets
+    `clip_score: null` and its `error`; the others succeed. Results keep request order. Only a
+    structurally broken request (wrong types, too many items) is refused as a whole (422)."""
     await inputs(len(body.evaluations), "evaluations")
     started = time.perf_counter()
     step = max(1, len(body.evaluations) // 10)
@@ -68,7 +70,7 @@ async def evaluate_batch(
 
     results = await engine.evaluate(
         [_item(e) for e in body.evaluations],
-        batch_size=body.batch_size,
+        window=prefetch_window(body.batch_size),
         progress=progress if body.show_progress else None,
     )
     elapsed = time.perf_counter() - started

@@ -1,24 +1,53 @@
-"""GET /health, /ready and /metrics: probes for load balancers and Kubernetes, and Prometheus."""
+"""Probes and metrics: GET /health, /ready and /evaluator/health, and Prometheus at /metrics and
+/evaluator/metrics.
+
+Readiness comes from one place (``Engine.readiness``) and maps to HTTP in one place here: ready is
+200, not ready is 503 with the reason and, where known, ``Retry-After``.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from clipserve import __version__
 from clipserve.api.deps import EngineDep, MetricsDep
-from clipserve.api.routes.system import describe_device
+from clipserve.api.errors import retry_after
 from clipserve.api.schemas.system import (
     BatchProcessing,
+    GpuMemory,
+    HealthResponse,
     QueueInfo,
     ReadyResponse,
     ServiceHealth,
 )
 from clipserve.engine.batcher import BatcherStats
+from clipserve.engine.core import Readiness
 from clipserve.engine.engine import Engine
-from clipserve.engine.registry import ModelStatus
-from clipserve.errors import ModelNotFoundError
+from clipserve.engine.registry import ModelState, ModelStatus
+from clipserve.errors import ModelLoadError, ModelNotFoundError
+from clipserve.models.loader import resolve_device
+from clipserve.observability.system import gpu_memory
 
 router = APIRouter(tags=["system"])
+
+
+def describe_device(requested: str) -> str:
+    """The device ``requested`` resolves to, or why it cannot be used."""
+    try:
+        return resolve_device(requested)
+    except ModelLoadError as exc:  # e.g. cuda configured on a host without it
+        return f"{requested} (unavailable: {exc.message})"
+
+
+def _probe(body: dict[str, object], readiness: Readiness) -> JSONResponse:
+    """The one mapping of readiness to HTTP: 200, or 503 with Retry-After where known."""
+    if readiness.ready:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers=retry_after(readiness.retry_after_s))
 
 
 def _default_model(engine: Engine) -> ModelStatus | None:
@@ -66,10 +95,6 @@ def _batch_processing(engine: Engine, stats: BatcherStats) -> BatchProcessing:
     )
 
 
-def _retry_after(seconds: float | None) -> dict[str, str]:
-    return {"Retry-After": str(max(1, round(seconds)))} if seconds else {}
-
-
 @router.get(
     "/health",
     response_model=ServiceHealth,
@@ -90,11 +115,7 @@ async def health(engine: EngineDep) -> JSONResponse:
         batch_processing=_batch_processing(engine, stats),
         error=readiness.reason,
     )
-    return JSONResponse(
-        body.model_dump(mode="json"),
-        status_code=200 if readiness.ready else 503,
-        headers=_retry_after(readiness.retry_after_s),
-    )
+    return _probe(body.model_dump(mode="json"), readiness)
 
 
 @router.get(
@@ -105,16 +126,34 @@ async def health(engine: EngineDep) -> JSONResponse:
 async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness probe: 200 `{"status": "ready"}`, or 503 with the reason."""
     readiness = engine.readiness()
-    if readiness.ready:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse(
-        ReadyResponse(status="not_ready", error=readiness.reason).model_dump(),
-        status_code=503,
-        headers=_retry_after(readiness.retry_after_s),
+    body = ReadyResponse(status="ready" if readiness.ready else "not_ready", error=readiness.reason)
+    return _probe(body.model_dump(exclude_none=True), readiness)
+
+
+@router.get("/evaluator/health", response_model=HealthResponse)
+async def evaluator_health(engine: EngineDep) -> HealthResponse:
+    """Liveness with the truth about models: `degraded` when an enabled model failed to load or
+    its inputs keep failing."""
+    statuses = engine.registry.statuses()
+    errors = {s.name: s.error or "failed to load" for s in statuses if s.state is ModelState.ERROR}
+    enabled = {s.name for s in statuses}
+    for name, problems in engine.queue_problems().items():
+        if name in enabled:
+            errors.setdefault(name, "; ".join(problems))
+    gpus = gpu_memory()
+    return HealthResponse(
+        status="degraded" if errors else "healthy",
+        version=__version__,
+        uptime_s=round(time.time() - engine.started_at, 3),
+        default_model=engine.settings.default_model,
+        models={s.name: s.state.value for s in statuses},
+        model_errors=errors,
+        gpu=[GpuMemory(**dataclasses.asdict(g)) for g in gpus] if gpus is not None else None,
     )
 
 
 @router.get("/metrics", response_class=Response)
+@router.get("/evaluator/metrics", response_class=Response)
 async def metrics(metrics: MetricsDep) -> Response:
-    """Prometheus text format (the same registry as /evaluator/metrics)."""
+    """Prometheus text format (one registry, on both paths)."""
     return Response(content=metrics.render(), media_type=metrics.content_type)

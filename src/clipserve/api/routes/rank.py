@@ -22,7 +22,7 @@ from clipserve.api.uploads import (
     read_upload,
     read_uploads,
 )
-from clipserve.engine.engine import Content
+from clipserve.engine.tasks.embed import Content
 from clipserve.errors import InvalidInputError
 from clipserve.media import describe
 
@@ -59,13 +59,16 @@ async def _rank(
     return_documents: bool,
 ) -> RankResponse:
     ranking = await engine.rank(model, query, documents)
+    ranked = [r for r in ranking.results if r.error is None][:top_n]
+    failed = [r for r in ranking.results if r.error is not None]
     results = [
         RankResult(
             index=r.index,
             relevance_score=r.score,
             document=_echo(documents[r.index]) if return_documents else None,
+            error=r.error.message if r.error else None,
         )
-        for r in ranking.results[:top_n]
+        for r in (*ranked, *failed)
     ]
     tokens = ranking.prompt_tokens
     return RankResponse(
@@ -77,8 +80,9 @@ async def _rank(
 
 @router.post("/v1/rank", response_model=RankResponse, openapi_extra=_MULTIPART)
 async def rank(body: RankRequest, engine: EngineDep, inputs: InputsDep) -> RankResponse:
-    """Rank documents by cosine similarity to the query; texts and images in any combination.
-    Also accepts multipart/form-data: `query` or `query_file`, and `documents` or `files`."""
+    """Rank documents by cosine similarity to the query; texts and images in any combination. A
+    document that fails (bad image, empty text) is listed last with its `error`. Also accepts
+    multipart/form-data: `query` or `query_file`, and `documents` or `files`."""
     await inputs(len(body.documents), "documents")
     return await _rank(
         engine,

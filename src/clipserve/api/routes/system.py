@@ -1,53 +1,20 @@
-"""Health, status and metrics."""
+"""GET /v1/system/status: service facts."""
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import time
 
 import torch
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
 
 from clipserve import __version__
-from clipserve.api.deps import EngineDep, MetricsDep
-from clipserve.api.schemas.system import GpuMemory, HealthResponse, StatusResponse
+from clipserve.api.deps import EngineDep
+from clipserve.api.routes.health import describe_device
+from clipserve.api.schemas.system import StatusResponse
 from clipserve.engine.registry import ModelState
-from clipserve.errors import ModelLoadError
-from clipserve.models.loader import resolve_device
-from clipserve.observability.system import gpu_memory
 
 router = APIRouter(tags=["system"])
-
-
-def describe_device(requested: str) -> str:
-    """The device ``requested`` resolves to, or why it cannot be used."""
-    try:
-        return resolve_device(requested)
-    except ModelLoadError as exc:  # e.g. cuda configured on a host without it
-        return f"{requested} (unavailable: {exc.message})"
-
-
-@router.get("/evaluator/health", response_model=HealthResponse)
-async def health(engine: EngineDep) -> HealthResponse:
-    """Liveness with the truth about models: `degraded` when an enabled model failed to load or
-    its inputs keep failing."""
-    statuses = engine.registry.statuses()
-    errors = {s.name: s.error or "failed to load" for s in statuses if s.state is ModelState.ERROR}
-    enabled = {s.name for s in statuses}
-    for name, problems in engine.queue_problems().items():
-        if name in enabled:
-            errors.setdefault(name, "; ".join(problems))
-    gpus = gpu_memory()
-    return HealthResponse(
-        status="degraded" if errors else "healthy",
-        version=__version__,
-        uptime_s=round(time.time() - engine.started_at, 3),
-        default_model=engine.settings.default_model,
-        models={s.name: s.state.value for s in statuses},
-        model_errors=errors,
-        gpu=[GpuMemory(**dataclasses.asdict(g)) for g in gpus] if gpus is not None else None,
-    )
 
 
 @router.get("/v1/system/status", response_model=StatusResponse)
@@ -79,9 +46,3 @@ async def status(engine: EngineDep) -> StatusResponse:
             "fetch_timeout_s": media.fetch_timeout_s,
         },
     )
-
-
-@router.get("/evaluator/metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
-    """Prometheus text format."""
-    return Response(content=metrics.render(), media_type=metrics.content_type)

@@ -24,7 +24,7 @@ class EvaluationRequest(BaseModel):
         },
     )
 
-    image_input: str = Field(min_length=1, description=_IMAGE_DESCRIPTION)
+    image_input: str = Field(description=_IMAGE_DESCRIPTION)
     text_prompt: str = Field(description="The caption to score against the image.")
     model_config_name: str | None = Field(
         default=None,

@@ -3,7 +3,8 @@
 A plain string is a text (or, where the request says ``modality: image``, an image reference);
 objects say what they are: ``{"text": ...}``, ``{"image": ...}`` or OpenAI's content-part shape
 ``{"type": "image_url", "image_url": {"url": ...}}``. Image references are http(s) URLs, base64
-data URIs, or paths under the media root.
+data URIs, or paths under the media root. An empty item is not a schema error: where the API
+answers per item (rank documents, classify images) it fails alone, with its error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clipserve.engine.engine import Content
+from clipserve.engine.tasks.embed import Content
 from clipserve.models.base import Modality
 
 logger = logging.getLogger(__name__)
@@ -35,20 +36,20 @@ class TextItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"] | None = None
-    text: str = Field(min_length=1)
+    text: str
 
 
 class ImageUrl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1)
+    url: str
 
 
 class ImageItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["image", "image_url"] | None = None
-    image: str | None = Field(default=None, min_length=1, description="URL, data URI or path")
+    image: str | None = Field(default=None, description="URL, data URI or path")
     image_url: ImageUrl | str | None = Field(default=None, description="OpenAI content-part style")
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipserve.api.schemas.embeddings import Usage
 from clipserve.api.schemas.inputs import ImageItem, InputItem
+from clipserve.engine.tasks.retrieve import MAX_LABELS
 
 
 class RankRequest(BaseModel):
@@ -41,16 +42,23 @@ class RankRequest(BaseModel):
 
 class RankResult(BaseModel):
     index: int = Field(description="Position of the document in the request.")
-    relevance_score: float = Field(description="Cosine similarity to the query, in [-1, 1].")
+    relevance_score: float | None = Field(
+        description="Cosine similarity to the query, in [-1, 1]; null when the document failed."
+    )
     document: str | None = Field(
         default=None, description="The text, or a short reference to the image (return_documents)."
+    )
+    error: str | None = Field(
+        default=None, description="Why this document could not be ranked (it is listed last)."
     )
 
 
 class RankResponse(BaseModel):
     object: Literal["rerank"] = "rerank"
     model: str
-    results: list[RankResult] = Field(description="Most relevant first.")
+    results: list[RankResult] = Field(
+        description="Most relevant first (at most top_n), then every document that failed."
+    )
     usage: Usage
 
 
@@ -73,7 +81,7 @@ class ClassifyRequest(BaseModel):
     input: str | ImageItem | list[str | ImageItem] = Field(
         description="One image or a list: URLs, data URIs, paths, or {image} items."
     )
-    labels: list[str] = Field(min_length=1, max_length=1000)
+    labels: list[str] = Field(min_length=1, max_length=MAX_LABELS)
     template: str = Field(
         default="a photo of a {}", min_length=2, max_length=500, description="'{}' is the label."
     )
@@ -90,8 +98,9 @@ class LabelResult(BaseModel):
 
 class Classification(BaseModel):
     index: int
-    top_label: str
-    labels: list[LabelResult] = Field(description="Most probable first.")
+    top_label: str | None = Field(description="The most probable label; null on error.")
+    labels: list[LabelResult] = Field(description="Most probable first; empty on error.")
+    error: str | None = Field(default=None, description="Why this image could not be classified.")
 
 
 class ClassifyResponse(BaseModel):

@@ -1,0 +1,210 @@
+"""The engine core: lifecycle, leases, deadlines and readiness, under the tasks.
+
+It owns the model registry, the image loader, the worker threads, the encoder and the dynamic
+batcher. A task (:mod:`clipserve.engine.tasks`) serves a request inside :meth:`EngineCore.serving`:
+it gets a deadline (``request_timeout``), a lease on its model, a modality check and admission
+control (a full queue refuses the request up front, so an admitted request is never half-dropped),
+and sends its deduplicated inputs through the encoder, where they share forward passes with every
+other request for the same model.
+
+Shutdown (:meth:`EngineCore.close`) never hangs: the batcher drains within ``drain_timeout``, then
+models are closed and the worker threads stopped within a grace period (:data:`SHUTDOWN_GRACE_S`
+at most); a thread still stuck in model code is reported and abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from clipserve.config import Settings
+from clipserve.engine.batcher import FAILING_AFTER, Batcher, deadline_error
+from clipserve.engine.encoder import Encoder
+from clipserve.engine.executor import Executors, cpu_workers
+from clipserve.engine.registry import BackendLoader, ModelHandle, ModelRegistry, ModelState
+from clipserve.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    UnsupportedModalityError,
+)
+from clipserve.media import ImageLoader
+from clipserve.models.base import Modality
+from clipserve.models.loader import load_backend
+from clipserve.observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+"""After the drain: how long closing models and joining worker threads may take at most (less
+with a shorter ``drain_timeout``, never under a second)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str | None = None
+    retry_after_s: float | None = None
+
+
+def prefetch_window(batch_size: int) -> int:
+    """Inputs of one request in flight at once for a given ``batch_size``: two batches, so the next
+    one is prepared while the current one runs."""
+    return 2 * batch_size
+
+
+class EngineCore:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        loader: BackendLoader | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.executors = Executors(cpu_workers(settings))
+        self.batcher = Batcher(settings.batching, self.metrics, self.executors.cpu)
+        self.images = ImageLoader(settings.media, executor=self.executors.cpu)
+        self.encoder = Encoder(
+            settings,
+            batcher=self.batcher,
+            images=self.images,
+            cpu_executor=self.executors.cpu,
+            metrics=self.metrics,
+        )
+        self.registry = ModelRegistry(
+            settings,
+            loader=loader or load_backend,
+            executors=self.executors,
+            metrics=self.metrics,
+            on_load=self.encoder.build_queues,
+            on_unload=self.batcher.discard,
+        )
+        self.started_at = time.time()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        interval = self.settings.config_reload_interval_s
+        if self.settings.config_path is not None and interval > 0:
+            self._watcher = asyncio.create_task(self.registry.watch(interval), name="config-watch")
+        if self.settings.preload:
+            await self.registry.preload()  # queues are built (and on CUDA probed) as models load
+
+    async def close(self) -> None:
+        """Graceful: refuse new work, drain the batcher, then unload models and stop threads."""
+        await self.batcher.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        loop = asyncio.get_running_loop()
+        grace = max(1.0, min(SHUTDOWN_GRACE_S, self.settings.batching.drain_timeout))
+        deadline = loop.time() + grace
+        await self.registry.close(grace)
+        await self.images.aclose()
+        self.executors.shutdown(max(0.0, deadline - loop.time()))
+
+    async def __aenter__(self) -> EngineCore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def resolve_model(self, name: str | None) -> str:
+        return name or self.settings.default_model
+
+    # --- readiness -----------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        """Ready when the batcher accepts work and the default model can serve (loaded, or
+        loadable on first use)."""
+        if not self.batcher.accepting:
+            return Readiness(False, "the server is shutting down")
+        name = self.settings.default_model
+        try:
+            status = self.registry.status(name, include_disabled=False)
+        except ModelNotFoundError as exc:
+            return Readiness(False, exc.message)
+        if status.state is ModelState.ERROR:
+            retry = self.settings.model_retry_interval_s
+            return Readiness(False, f"default model '{name}' failed to load: {status.error}", retry)
+        if status.state is ModelState.LOADING:
+            return Readiness(False, f"default model '{name}' is loading", 1.0)
+        for problem in self.queue_problems().get(name, []):
+            return Readiness(False, f"default model '{name}' {problem}", 1.0)
+        return Readiness(True)
+
+    def queue_problems(self) -> dict[str, list[str]]:
+        """What is wrong with each model's batcher queues, in words (models without problems are
+        left out).
+
+        A queue is failing after ``FAILING_AFTER`` inputs in a row failed, until the retry
+        interval has passed since the last failure (then traffic may probe it again); it is stuck
+        when a batch has run longer than ``request_timeout``."""
+        now = asyncio.get_running_loop().time()
+        retry = self.settings.model_retry_interval_s
+        stuck_after = self.settings.batching.request_timeout
+        problems: dict[str, list[str]] = {}
+        for q in self.batcher.stats().queues:
+            recent = q.last_failure_at is not None and now - q.last_failure_at < retry
+            if q.consecutive_failures >= FAILING_AFTER and recent:
+                problems.setdefault(q.model, []).append(
+                    f"is failing: {q.last_error} ({q.consecutive_failures} {q.modality} inputs "
+                    "in a row)"
+                )
+            if q.running_for_s > stuck_after:
+                problems.setdefault(q.model, []).append(
+                    f"has had a {q.modality} batch running for {q.running_for_s:.0f} s "
+                    f"(over request_timeout {stuck_after:g} s)"
+                )
+        return problems
+
+    # --- deadlines, leases, limits -------------------------------------------------------------
+
+    def deadline(self) -> float:
+        """A new request's deadline on the event loop's clock."""
+        return asyncio.get_running_loop().time() + self.settings.batching.request_timeout
+
+    def window(self, window: int | None) -> int:
+        """A request's inputs in flight at once (default: two of the batcher's batches)."""
+        return window or prefetch_window(self.settings.batching.max_batch_size)
+
+    @contextlib.asynccontextmanager
+    async def serving(
+        self, name: str, modalities: Sequence[Modality], deadline: float
+    ) -> AsyncIterator[ModelHandle]:
+        """Lease, modality check and admission for one request on one model, bounded by the
+        deadline. The work inside bounds itself per input (the encoder answers each input that
+        misses the deadline with its own 504), so the results that are ready are kept."""
+        try:
+            async with self.registry.use(name, deadline=deadline) as handle:
+                self._require(handle, modalities)
+                await self.encoder.admit(handle, modalities, deadline)
+                yield handle
+        except TimeoutError:
+            raise deadline_error(self.settings.batching) from None
+
+    @staticmethod
+    def _require(handle: ModelHandle, modalities: Sequence[Modality]) -> None:
+        missing = [m for m in dict.fromkeys(modalities) if m not in handle.info.modalities]
+        if missing:
+            raise UnsupportedModalityError(
+                f"model '{handle.name}' cannot encode {' or '.join(missing)} inputs "
+                f"(it supports: {', '.join(sorted(handle.info.modalities))})",
+                detail={"model": handle.name, "modalities": sorted(handle.info.modalities)},
+            )
+
+    def check_image_count(self, distinct: int) -> None:
+        limit = self.settings.server.max_images_per_request
+        if distinct > limit:
+            raise InvalidInputError(
+                f"the request has {distinct} distinct images; the limit is {limit}",
+                detail={"max_images_per_request": limit},
+            )

@@ -1,0 +1,186 @@
+"""Evaluation: the CLIP score ``max(100 * cos(image, text), 0)`` of image-text pairs.
+
+Every pair gets its own result: a problem with one pair (an empty or undecodable image, an empty
+or overlong prompt, an unknown or unavailable model) fails that pair alone, and the rest are
+scored. Pairs are grouped by model; each group runs under its own lease, and all of them share the
+request's deadline and forward passes with concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from clipserve.engine.core import EngineCore, prefetch_window
+from clipserve.engine.encoder import (
+    ImageOutcomes,
+    ImageRef,
+    TextOutcome,
+    TextOutcomes,
+    image_ref,
+    stack,
+)
+from clipserve.errors import ClipServeError, InvalidInputError
+from clipserve.media import ImageInput
+from clipserve.models.base import clip_scores
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EvalItem:
+    image: ImageInput
+    text: str
+    model: str | None = None
+    """Model config name; None means the default model."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    model: str
+    score: float | None
+    error: ClipServeError | None = None
+    text_truncated: bool = False
+    processing_time_ms: float = 0.0
+
+
+def _item_problem(item: EvalItem) -> ClipServeError | None:
+    if isinstance(item.image, str) and not item.image.strip():
+        return InvalidInputError(
+            "image_input is empty: expected an http(s) URL, a data URI or a file path"
+        )
+    if not item.text.strip():
+        return InvalidInputError("text_prompt is empty")
+    return None
+
+
+class Evaluation:
+    def __init__(self, core: EngineCore) -> None:
+        self._core = core
+
+    async def one(self, item: EvalItem) -> EvalResult:
+        """Score one pair; raises its error instead of returning it."""
+        (result,) = await self.run([item])
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def run(
+        self,
+        items: Sequence[EvalItem],
+        *,
+        window: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[EvalResult]:
+        """Score pairs; results in input order, a failing pair carries its error.
+
+        ``window``: how many of this request's pairs are prepared ahead (default: two batches of
+        ``eval_batch_size``); forward passes hold up to ``batching.max_batch_size`` inputs,
+        shared with concurrent requests."""
+        core = self._core
+        refs = [image_ref(item.image) for item in items]
+        core.check_image_count(len({ref.key for ref in refs}))
+        deadline = core.deadline()
+        window = window or prefetch_window(core.settings.eval_batch_size)
+        counter = _Progress(len(items), progress)
+        results: list[EvalResult | None] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            name = core.resolve_model(item.model)
+            problem = _item_problem(item)
+            if problem is None:
+                groups.setdefault(name, []).append(index)
+            else:
+                results[index] = self._failed(name, problem, 0.0)
+                counter.advance(1)
+        scored = await asyncio.gather(
+            *(
+                self._group(
+                    name, [items[i] for i in idx], [refs[i] for i in idx], window, deadline, counter
+                )
+                for name, idx in groups.items()
+            )
+        )
+        for indices, group in zip(groups.values(), scored, strict=True):
+            for index, result in zip(indices, group, strict=True):
+                results[index] = result
+        return [r for r in results if r is not None]
+
+    async def _group(
+        self,
+        name: str,
+        items: list[EvalItem],
+        refs: list[ImageRef],
+        window: int,
+        deadline: float,
+        progress: _Progress,
+    ) -> list[EvalResult]:
+        core = self._core
+        started = time.perf_counter()
+        per_key = Counter(ref.key for ref in refs)
+        reported = 0
+
+        def image_done(key: str) -> None:
+            nonlocal reported
+            reported += per_key[key]
+            progress.advance(per_key[key])
+
+        images: ImageOutcomes = {}
+        texts: TextOutcomes = {}
+        try:
+            async with core.serving(name, ("image", "text"), deadline) as handle:
+                images, texts = await asyncio.gather(
+                    core.encoder.images(
+                        handle, refs, deadline=deadline, window=window, on_done=image_done
+                    ),
+                    core.encoder.texts(
+                        handle, [it.text for it in items], deadline=deadline, window=window
+                    ),
+                )
+        except ClipServeError as exc:  # the model (unknown, unavailable...): every pair fails
+            progress.advance(len(items) - reported)
+            elapsed = (time.perf_counter() - started) * 1000
+            return [self._failed(name, exc, elapsed) for _ in items]
+        elapsed = (time.perf_counter() - started) * 1000
+        out: list[EvalResult | None] = [None] * len(items)
+        ok: list[tuple[int, torch.Tensor, TextOutcome]] = []
+        for i, (ref, item) in enumerate(zip(refs, items, strict=True)):
+            image, text = images[ref.key], texts[item.text]
+            if isinstance(image, ClipServeError):
+                out[i] = self._failed(name, image, elapsed)
+            elif isinstance(text, ClipServeError):
+                out[i] = self._failed(name, text, elapsed)
+            else:
+                ok.append((i, image, text))
+        if ok:  # one score computation for the whole group
+            scores = clip_scores(
+                stack([image for _, image, _ in ok]), stack([text.embedding for _, _, text in ok])
+            ).tolist()
+            for (i, _, text), score in zip(ok, scores, strict=True):
+                core.metrics.clip_score_distribution.labels(name).observe(score)
+                out[i] = EvalResult(name, score, None, text.truncated, elapsed)
+            core.metrics.evaluations_total.labels(name).inc(len(ok))
+        return [r for r in out if r is not None]
+
+    def _failed(self, name: str, error: ClipServeError, elapsed_ms: float) -> EvalResult:
+        self._core.metrics.evaluation_errors_total.labels(name, type(error).__name__).inc()
+        return EvalResult(name, None, error, processing_time_ms=elapsed_ms)
+
+
+class _Progress:
+    """Counts pairs whose image has been encoded (or failed) and reports to an optional callback."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total, self.done, self._callback = total, 0, callback
+
+    def advance(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.done = min(self.total, self.done + n)
+        if self._callback is not None:
+            self._callback(self.done, self.total)
