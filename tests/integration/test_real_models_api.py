@@ -111,7 +111,7 @@ async def test_hub_models_fail_fast_offline_with_a_clear_503(
     make_settings: Callable[..., Any],
     photo_bytes: Callable[..., bytes],
 ) -> None:
-    from clipserve.config import BUILTIN_MODELS
+    from clipserve.model_specs import BUILTIN_MODELS
 
     client = await client_for(make_settings({"fast": dict(BUILTIN_MODELS["fast"])}))
     assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -139,7 +139,7 @@ async def test_text_only_model_refuses_images(
     make_settings: Callable[..., Any],
     photo_bytes: Callable[..., bytes],
 ) -> None:
-    from clipserve.config import BUILTIN_MODELS
+    from clipserve.model_specs import BUILTIN_MODELS
 
     client = await client_for(make_settings({"minilm": dict(BUILTIN_MODELS["minilm"])}))
     response = await client.post(

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clipserve.config import (
+from clipserve.config import Settings
+from clipserve.errors import ConfigError
+from clipserve.model_specs import (
     BUILTIN_MODELS,
     ModelSpec,
-    Settings,
     load_model_specs,
     merge_model_specs,
     read_registry_file,
 )
-from clipserve.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

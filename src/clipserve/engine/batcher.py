@@ -165,6 +165,7 @@ class BatchQueue(Generic[P, R]):
         self._room = Signal()
         self._idle = Signal()
         self._collectors: set[asyncio.Task[None]] = set()
+        self._taken: list[_Item[P, R]] = []
         self._running: dict[asyncio.Task[None], _Running[P, R]] = {}
         self._ready = asyncio.Event()
         self._probing = False
@@ -303,14 +304,14 @@ class BatchQueue(Generic[P, R]):
         while True:
             await self._until_ready()
             await self._slots.acquire()
-            batch: list[_Item[P, R]] = []
             try:
                 batch = self._take()
                 if batch:
                     self._launch(batch)
+                self._taken = []  # the batch task owns them now
             except BaseException as exc:
                 self._slots.release()
-                self._settle_all(batch, self._internal_error("forming a batch", exc))
+                self._settle_all(self._taken, self._internal_error("forming a batch", exc))
                 raise
             if not batch:
                 self._slots.release()
@@ -332,9 +333,11 @@ class BatchQueue(Generic[P, R]):
             await wait_any(self._arrived, self._slots.freed, timeout=remaining)
 
     def _take(self) -> list[_Item[P, R]]:
-        """Up to ``max_batch_size`` live items (cancelled and expired ones are dropped)."""
+        """Up to ``max_batch_size`` live items (cancelled and expired ones are dropped). They are
+        also in ``_taken`` until launched, for the collector's failure path."""
         now = asyncio.get_running_loop().time()
         batch: list[_Item[P, R]] = []
+        self._taken = batch
         while self._items and len(batch) < self.max_batch_size:
             item = self._items.popleft()
             if self._is_live(item, now):

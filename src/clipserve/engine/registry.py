@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
-from clipserve.config import ModelSpec, Settings, load_model_specs
+from clipserve.config import Settings
 from clipserve.engine.executor import Executors, WorkerThreads
 from clipserve.errors import (
     ClipServeError,
@@ -42,6 +42,7 @@ from clipserve.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
+from clipserve.model_specs import ModelSpec, load_model_specs
 from clipserve.models.base import Backend, BackendInfo, Modality
 from clipserve.models.loader import resolve_device, resolve_dtype
 from clipserve.observability.metrics import Metrics

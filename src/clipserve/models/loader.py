@@ -23,7 +23,7 @@ import torch
 from clipserve.errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from clipserve.config import ModelSpec, Precision
+    from clipserve.model_specs import ModelSpec, Precision
     from clipserve.models.base import Backend
 
 logger = logging.getLogger(__name__)

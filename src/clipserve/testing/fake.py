@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipserve.config import ModelSpec
+from clipserve.model_specs import ModelSpec
 from clipserve.models.base import Backend, BackendInfo, Modality, TokenizedTexts
 
 _THUMB = 8

@@ -438,19 +438,21 @@ async def test_a_collector_that_dies_fails_its_items_and_is_replaced(
     make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    queue, model = make_queue(max_batch_size=4)
+    queue, model = make_queue(max_batch_size=2)
     real_take = queue._take  # noqa: SLF001
     calls = 0
 
     def take_once_broken() -> list[Any]:
         nonlocal calls
         calls += 1
+        taken = real_take()  # items already off the queue: the failure path must answer them
         if calls == 1:
             raise RuntimeError("a bug while forming a batch")
-        return real_take()
+        return taken
 
     monkeypatch.setattr(queue, "_take", take_once_broken)
-    outcome = await results(await queue.submit([1, 2], deadline=deadline(3600)))
+    outcome = await results(await queue.submit([1, 2, 3], deadline=deadline(3600)))
+    assert len(outcome) == 3
     assert all(
         isinstance(o, InferenceError) and "internal error while" in o.message for o in outcome
     ), outcome

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipserve.config import ModelSpec
 from clipserve.errors import ModelLoadError
+from clipserve.model_specs import ModelSpec
 from clipserve.models import loader
 from clipserve.models.hf_backend import HfClipBackend
 from clipserve.models.loader import (

@@ -12,8 +12,8 @@ from clipserve.api.schemas.models import (
     ModelSummary,
     ReloadResponse,
 )
-from clipserve.config import ModelSpec
 from clipserve.engine.registry import ModelStatus
+from clipserve.model_specs import ModelSpec
 
 router = APIRouter(prefix="/v1/system/models", tags=["models"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipserve.config import ModelSpec
+from clipserve.model_specs import ModelSpec
 
 
 class ModelSummary(BaseModel):

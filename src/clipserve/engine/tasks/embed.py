@@ -77,9 +77,15 @@ def _input(i: int) -> str:
     return f"input[{i}]"
 
 
-def image_refs(core: EngineCore, inputs: Sequence[Content]) -> list[ImageRef | None]:
-    """Each image input's identity (None for texts), computed once; refuses a request with more
-    distinct images than ``max_images_per_request``."""
+def image_refs(
+    core: EngineCore, inputs: Sequence[Content], where: Where = _input
+) -> list[ImageRef | None]:
+    """Each image input's identity (None for texts), computed once. Refuses a text input that is
+    not a string (named ``where(i)``) and a request with more distinct images than
+    ``max_images_per_request``."""
+    for i, content in enumerate(inputs):
+        if content.modality == "text" and not isinstance(content.value, str):
+            raise InvalidInputError(f"{where(i)}: a text input must be a string")
     refs = [image_ref(c.value) if c.modality == "image" else None for c in inputs]
     core.check_image_count(len({ref.key for ref in refs if ref is not None}))
     return refs
@@ -105,10 +111,7 @@ class Embedding:
         it was trained for that (``matryoshka_dims``); otherwise it must equal ``embed_dim``."""
         core = self._core
         name_of = where or _input
-        for i, content in enumerate(inputs):
-            if content.modality == "text" and not isinstance(content.value, str):
-                raise InvalidInputError(f"{name_of(i)}: a text input must be a string")
-        refs = image_refs(core, inputs)
+        refs = image_refs(core, inputs, name_of)
         name = core.resolve_model(model)
         deadline = core.deadline()
         async with core.serving(name, modalities_of(inputs), deadline) as handle:

@@ -96,11 +96,7 @@ class Retrieval:
         """Documents sorted by cosine similarity to the query (ties keep document order)."""
         core = self._core
         inputs = [query, *documents]
-        for i, content in enumerate(inputs):
-            if content.modality == "text" and not isinstance(content.value, str):
-                where = "query" if i == 0 else f"documents[{i - 1}]"
-                raise InvalidInputError(f"{where}: a text input must be a string")
-        refs = image_refs(core, inputs)
+        refs = image_refs(core, inputs, lambda i: "query" if i == 0 else f"documents[{i - 1}]")
         name = core.resolve_model(model)
         deadline = core.deadline()
         modalities = tuple(dict.fromkeys(c.modality for c in inputs))
