@@ -229,12 +229,12 @@ def _resample_code(resample: Any, kernel: Kernel) -> int:
         if code not in _PIL_FILTERS:
             raise UnsupportedImageProcessorError(f"resample {code} is no PIL filter")
         return code
-    if code == _BICUBIC or (code == _BILINEAR and _native_uint8_bilinear()):
+    if code == _BICUBIC or (code == _BILINEAR and native_uint8_bilinear()):
         return code
     raise UnsupportedImageProcessorError(f"resample {code} (ported: bilinear, bicubic)")
 
 
-def _native_uint8_bilinear() -> bool:
+def native_uint8_bilinear() -> bool:
     """Whether torchvision resizes uint8 bilinear natively here (else it goes through float32)."""
     capability = torch.backends.cpu.get_cpu_capability()
     return capability in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
