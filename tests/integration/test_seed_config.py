@@ -22,30 +22,7 @@ SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
 
 # Seed 000, "Configuration Management", verbatim.
-SEED_MODELS_JSON = """\
-{
-  "models": {
-    "fast": {
-      "model_name": "ViT-B-32",
-      "pretrained": "laion2b_s34b_b79k",
-      "description": "Faster inference, good performance",
-      "memory_gb": 2.0,
-      "avg_inference_time_ms": 50,
-      "accuracy_score": 0.85,
-      "enabled": true
-    },
-    "accurate": {
-      "model_name": "ViT-L-14",
-      "pretrained": "laion2b_s32b_b82k",
-      "description": "Higher accuracy, slower inference",
-      "memory_gb": 6.0,
-      "avg_inference_time_ms": 200,
-      "accuracy_score": 0.92,
-      "enabled": true
-    }
-  }
-}
-"""
+SEED_MODELS_JSON = (Path(__file__).parents[1] / "data" / "seed_models.json").read_text()
 
 
 def _settings(path: Path) -> Settings:

@@ -73,7 +73,6 @@ class EngineCore:
             settings,
             batcher=self.batcher,
             images=self.images,
-            cpu_executor=self.executors.cpu,
             metrics=self.metrics,
         )
         self.registry = ModelRegistry(

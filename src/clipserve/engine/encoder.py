@@ -29,7 +29,6 @@ import torch
 from clipserve.config import Settings
 from clipserve.engine.batcher import Batcher, BatchQueue, deadline_error
 from clipserve.engine.capacity import probe_batch_size
-from clipserve.engine.executor import WorkerThreads
 from clipserve.engine.registry import ModelHandle
 from clipserve.errors import (
     ClipServeError,
@@ -110,13 +109,11 @@ class Encoder:
         *,
         batcher: Batcher,
         images: ImageLoader,
-        cpu_executor: WorkerThreads,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._batcher = batcher
         self._images = images
-        self._cpu = cpu_executor
         self._metrics = metrics
 
     # --- queues --------------------------------------------------------------------------------
@@ -196,8 +193,8 @@ class Encoder:
         async def as_payload(text: str) -> str:
             return text
 
-        queue = handle.queues["text"] if todo else None
-        if queue is not None:
+        if todo:
+            queue = handle.queues["text"]
             out.update(await _through(queue, todo, as_payload, deadline=deadline, window=window))
         return out
 
