@@ -17,9 +17,11 @@ model). Servers are separate processes on 127.0.0.1 with ``--preload``, measured
 A second table is single-request latency at concurrency 1: the p50 of one text, and of one image
 (a JPEG data URI), per ``POST /v1/embeddings`` on the batched server, against the model's own
 batch-1 time in this process (tokenize + forward; JPEG decode + preprocess + forward), the two
-measured alternately. ``ratio`` is what the server adds: an idle device must not make a request
-wait (target at most 1.1). The requests go through a minimal keep-alive HTTP client whose bytes
-are prepared before the clock starts, so the figure is the server's, not a client library's.
+measured alternately, back to back, after the load tests have warmed the server (no model is
+loaded in this process during the load tests: its threads and memory would weigh on the server).
+``ratio`` is what the server adds: an idle device must not make a request wait (target at most
+1.1). The requests go through a minimal keep-alive HTTP client whose bytes are prepared before the
+clock starts, so the figure is the server's, not a client library's.
 Models: ``tiny`` (a random 2-layer open_clip model built on the fly) and ``vit-b-32`` (open_clip
 ViT-B-32 with random weights: the real architecture and cost, no download).
 """
@@ -65,7 +67,7 @@ _CAPTIONS = (
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
 EMBEDDINGS = "/v1/embeddings"
-LATENCY_SAMPLES = 30
+LATENCY_SAMPLES = 60
 """Single requests per kind in the concurrency-1 latency measurement (at most ``pairs``)."""
 
 
@@ -178,6 +180,17 @@ def _raw_pass(backend: Backend, pairs: Sequence[tuple[Image.Image, str]], batch_
         pixels = torch.stack([backend.preprocess(img) for img, _ in chunk])
         backend.encode_images(pixels)
         backend.encode_texts(backend.tokenize([text for _, text in chunk]))
+
+
+@contextmanager
+def _model_alone(spec: ModelSpec, device: str) -> Iterator[Backend]:
+    """The backend in this process, without server or engine; its weights are released on exit."""
+    resolved = resolve_device(device)
+    backend = load_backend(spec, device=resolved, dtype=resolve_dtype(resolved, None, "fp16"))
+    try:
+        yield backend
+    finally:
+        backend.close()
 
 
 def raw_pairs_per_s(
@@ -396,18 +409,16 @@ def bench_model(
     ]
     texts = [text for _, text in samples][:LATENCY_SAMPLES]
     jpegs, uris = jpegs[:LATENCY_SAMPLES], uris[:LATENCY_SAMPLES]
-    resolved = resolve_device(device)
-    backend = load_backend(spec, device=resolved, dtype=resolve_dtype(resolved, None, "fp16"))
-    try:
-        raw = raw_pairs_per_s(backend, samples, max_batch_size)
-        with server(config, model, max_batch_size=max_batch_size, device=device) as running:
-            batched = asyncio.run(_load(running.url, bodies, concurrency))
-            batch_request = asyncio.run(_batch_request(running.url, bodies, max_batch_size))
+    with server(config, model, max_batch_size=max_batch_size, device=device) as running:
+        # The load tests first, with no model in this process (its threads and memory would
+        # weigh on the server); they also warm the server up for the latency run.
+        batched = asyncio.run(_load(running.url, bodies, concurrency))
+        batch_request = asyncio.run(_batch_request(running.url, bodies, max_batch_size))
+        with _model_alone(spec, device) as backend:  # the server idles meanwhile
+            raw = raw_pairs_per_s(backend, samples, max_batch_size)
             latency = asyncio.run(_latency(running.url, model, backend, texts, jpegs, uris))
-        with server(config, model, max_batch_size=1, device=device) as running:
-            unbatched = asyncio.run(_load(running.url, bodies, concurrency))
-    finally:
-        backend.close()
+    with server(config, model, max_batch_size=1, device=device) as running:
+        unbatched = asyncio.run(_load(running.url, bodies, concurrency))
     return BenchResult(
         model, pairs, concurrency, max_batch_size, raw, batched, unbatched, batch_request, latency
     )
