@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import os
@@ -361,6 +362,21 @@ CASES += [
         json={"input": [" "], "labels": ["a"]},
     ),
 ]
+
+# --- compressed request bodies: refused before anything is inflated ----------------------------
+
+for encoding in ("gzip", "deflate", "br", "gzip, gzip", "x-bogus"):
+    CASES.append(
+        _c(
+            f"compressed-body-{encoding.replace(', ', '-')}",
+            "POST",
+            EMB,
+            415,
+            f"Content-Encoding '{encoding}' are not accepted",
+            content=gzip.compress(json.dumps({"input": "x" * 10_000}).encode()),
+            headers={"content-type": "application/json", "content-encoding": encoding},
+        )
+    )
 
 # --- local paths ----------------------------------------------------------------------------------
 

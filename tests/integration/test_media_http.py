@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import resource
 import threading
 import time
 from collections import Counter
@@ -15,6 +17,7 @@ from clipserve.config import MediaSettings
 from clipserve.errors import (
     MediaAccessDeniedError,
     MediaFetchError,
+    MediaTooLargeError,
     MediaUpstreamError,
     UnsupportedMediaTypeError,
 )
@@ -26,6 +29,7 @@ class Origin:
     """What the test server serves, and what it saw."""
 
     jpeg: bytes
+    bomb: bytes = b""
     base_url: str = ""
     hits: Counter[str] = field(default_factory=Counter)
     client_ports: set[int] = field(default_factory=set)
@@ -55,6 +59,14 @@ def make_handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def send_encoded(self, body: bytes, encoding: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Encoding", encoding)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:  # noqa: N802
             count = origin.hit(self.path, self.client_address[1], self.headers.get("Host", ""))
             if self.path == "/photo.jpg":
@@ -75,6 +87,12 @@ def make_handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
                 self.send_body(200, b"<html>not an image</html>", "text/html; charset=utf-8")
             elif self.path == "/slow.jpg":
                 self.trickle()
+            elif self.path == "/gzip.jpg":
+                self.send_encoded(gzip.compress(origin.jpeg), "gzip")
+            elif self.path == "/nested-gzip.jpg":  # 64 MiB of zeros, gzip twice: a few KB
+                self.send_encoded(gzip.compress(gzip.compress(bytes(64 * 2**20))), "gzip, gzip")
+            elif self.path == "/gzip-bomb.jpg":  # 256 MiB of zeros in about 250 KB, one layer
+                self.send_encoded(origin.bomb, "gzip")
             else:
                 self.send_body(404, b"not found", "text/plain")
 
@@ -215,3 +233,28 @@ async def test_allowed_network_is_fetched_at_the_checked_address(origin: Origin)
     assert lookups == ["images.test", "images.test"]  # each hop, resolved by us only
     assert origin.host_headers == [f"images.test:{port}"] * 2
     assert origin.hits == Counter({"/redirect": 1, "/photo.jpg": 1})
+
+
+async def test_a_gzip_body_is_inflated(origin: Origin) -> None:
+    async with ImageLoader(MediaSettings(**LOCAL)) as loader:
+        loaded = await loader.load(f"{origin.base_url}/gzip.jpg")
+    assert loaded.image.size == (512, 512)
+    assert loaded.num_bytes == len(origin.jpeg)
+
+
+async def test_compression_bombs_cost_neither_memory_nor_time(origin: Origin) -> None:
+    """Nested gzip is refused before anything is inflated; one layer is inflated only up to the
+    byte cap. The process's peak memory hardly moves (ru_maxrss: KiB on Linux)."""
+    origin.bomb = gzip.compress(bytes(256 * 2**20), compresslevel=9)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    settings = MediaSettings(**LOCAL, max_image_bytes=20 * 2**20)
+    async with ImageLoader(settings) as loader:
+        started = time.monotonic()
+        with pytest.raises(UnsupportedMediaTypeError, match="Content-Encoding 'gzip, gzip'"):
+            await loader.load(f"{origin.base_url}/nested-gzip.jpg")
+        with pytest.raises(MediaTooLargeError, match="sent more than 20971520 bytes"):
+            await loader.load(f"{origin.base_url}/gzip-bomb.jpg")
+        assert time.monotonic() - started < 5
+        assert (await loader.load(f"{origin.base_url}/photo.jpg")).image.size == (512, 512)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB"

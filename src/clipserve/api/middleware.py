@@ -133,8 +133,10 @@ class CancelOnDisconnectMiddleware:
 class BodyLimitMiddleware:
     """Refuses request bodies over ``max_bytes`` with 413, without buffering them: a declared
     ``Content-Length`` over the limit is refused at the first read, and a body that streams past
-    the limit (chunked, or a lying header) is cut off there. The error is raised from ``receive``,
-    so it reaches the app's one error mapping like any other."""
+    the limit (chunked, or a lying header) is cut off there. A compressed body (``Content-Encoding``
+    other than identity) is refused with 415: what it would inflate to is unknown until inflated.
+    The errors are raised from ``receive``, so they reach the app's one error mapping like any
+    other."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -149,12 +151,22 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
         over = declared.isdigit() and int(declared) > self.max_bytes
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        compressed = encoding not in (b"", b"identity")
         seen = 0
 
         async def limited_receive() -> Message:
             nonlocal seen
+            if compressed:
+                shown = encoding[:40].decode("latin-1")
+                raise HTTPException(
+                    415,
+                    f"request bodies with Content-Encoding '{shown}' are not accepted: send the "
+                    "body uncompressed",
+                )
             if over:
                 raise self._too_large(f" of {int(declared)} bytes")
             message = await receive()

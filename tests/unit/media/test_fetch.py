@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
 import socket
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -55,7 +57,11 @@ class Harness:
         async def record(request: httpx.Request) -> httpx.Response:
             self.requests.append(request)
             self.pins.append(current_pins())  # what the connection of this request may go to
-            return await handler(request)
+            response = await handler(request)
+            if response.is_stream_consumed:  # built from bytes: stream them as a server would
+                stream = httpx.ByteStream(response.content)
+                return httpx.Response(response.status_code, headers=response.headers, stream=stream)
+            return response
 
         async def sleep(delay: float) -> None:
             self.sleeps.append(delay)
@@ -757,6 +763,77 @@ async def test_streamed_body_is_cut_at_the_cap(harness: Callable[..., Harness]) 
         await h.fetch(URL)
     assert str(caught.value) == f"image is too large: {URL} sent more than 1000 bytes"
     assert pulled == 16
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _encoded(encoding: str, raw: bytes) -> httpx.Response:
+    """A response whose body is sent as these raw bytes (httpx would decode `content=`)."""
+    headers = {"content-encoding": encoding, "content-length": str(len(raw))}
+    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(raw))
+
+
+async def test_a_gzip_body_is_inflated_within_the_cap(harness: Callable[..., Harness]) -> None:
+    for encoding, body in (
+        ("gzip", _gzip(IMAGE)),
+        ("x-gzip", _gzip(IMAGE)),
+        ("deflate", zlib.compress(IMAGE)),
+        ("identity", IMAGE),
+    ):
+        h = harness([_encoded(encoding, body)])
+        assert await h.fetch(URL) == IMAGE, encoding
+
+
+async def test_a_gzip_bomb_is_cut_at_the_cap_while_inflating(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bomb = _gzip(b"\0" * (64 * 2**20))  # 64 MiB of zeros in about 64 KiB
+    assert len(bomb) < 100_000
+    inflated: list[int] = []
+    real = zlib.decompressobj
+
+    class Recording:
+        """Records how much each decompress call returned: never more than the budget left."""
+
+        def __init__(self, wbits: int) -> None:
+            self._inner = real(wbits)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            assert max_length > 0  # 0 would mean "no limit" to zlib
+            out = self._inner.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+        @property
+        def unconsumed_tail(self) -> bytes:
+            return self._inner.unconsumed_tail
+
+        def flush(self) -> bytes:
+            return self._inner.flush()
+
+    h = harness([_encoded("gzip", bomb)], max_image_bytes=200_000)  # more than the bomb's size
+    monkeypatch.setattr(fetch_module.zlib, "decompressobj", Recording)
+    with pytest.raises(MediaTooLargeError, match="sent more than 200000 bytes"):
+        await h.fetch(URL)
+    assert sum(inflated) <= 200_001  # never inflated past the cap
+
+
+@pytest.mark.parametrize("encoding", ["gzip, gzip", "br", "zstd", "compress", "gzip, identity, br"])
+async def test_other_or_nested_encodings_are_refused(
+    harness: Callable[..., Harness], encoding: str
+) -> None:
+    h = harness([_encoded(encoding, IMAGE)])
+    with pytest.raises(UnsupportedMediaTypeError, match="only an uncompressed body") as caught:
+        await h.fetch(URL)
+    assert f"Content-Encoding '{encoding.replace(', identity', '')}'" in str(caught.value)
+
+
+async def test_a_corrupt_gzip_body_is_a_clear_error(harness: Callable[..., Harness]) -> None:
+    h = harness([_encoded("gzip", b"not gzip at all")])
+    with pytest.raises(MediaFetchError, match="the compressed response from .* is corrupt"):
+        await h.fetch(URL)
 
 
 async def test_body_exactly_at_the_cap(harness: Callable[..., Harness]) -> None:
