@@ -8,6 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+QUOTE_LIMIT = 200
+"""How many characters of a client's input an error message quotes."""
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """Client input as a message may quote it: at most ``limit`` characters, then an ellipsis
+    and the full length, so an error never echoes a large input."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}… ({len(value)} characters)"
+
 
 class ClipServeError(Exception):
     """Base class of every error clipserve raises on purpose.
@@ -46,9 +57,10 @@ class ModelNotFoundError(ClipServeError):
 
     def __init__(self, name: str, known: list[str], *, disabled: bool = False) -> None:
         what = "is disabled" if disabled else "is unknown"
+        shown = quote(name, 100)
         super().__init__(
-            f"model config '{name}' {what}; available models: {', '.join(known) or '(none)'}",
-            detail={"model": name, "available_models": known, "disabled": disabled},
+            f"model config '{shown}' {what}; available models: {', '.join(known) or '(none)'}",
+            detail={"model": shown, "available_models": known, "disabled": disabled},
         )
         self.name = name
         self.known = known

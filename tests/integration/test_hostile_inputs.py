@@ -139,6 +139,8 @@ class Case:
     per_item: bool = False
     """200, with the message as the one failing item's error (batch results, rank results,
     classify data)."""
+    max_response_bytes: int = 20_000
+    """An answer never grows with what was sent: errors quote input short, list few problems."""
 
 
 def _c(id_: str, method: str, path: str, status: int, message: str = "", **kw: Any) -> Case:
@@ -377,6 +379,76 @@ for encoding in ("gzip", "deflate", "br", "gzip, gzip", "x-bogus"):
             headers={"content-type": "application/json", "content-encoding": encoding},
         )
     )
+
+# --- amplification: sizes are checked on what will be built; errors stay small ----------------
+
+LONG = "x" * 100_000
+CASES += [
+    _c(
+        "amplify-classify-template",
+        "POST",
+        CLASSIFY,
+        422,
+        "labels[0]: its prompt would be 9999900 characters long",
+        json={"input": "{media}", "labels": ["y" * 99_999], "template": "{}" * 100},
+        media="png",
+    ),
+    _c(
+        "amplify-classify-one-long-label",
+        "POST",
+        CLASSIFY,
+        422,
+        "labels[1]: its prompt would be",
+        json={"input": "{media}", "labels": ["cat", LONG]},
+        media="png",
+    ),
+    _c(
+        "amplify-batch-5000-empty-items",
+        "POST",
+        BATCH,
+        422,
+        "(and 9999 more problems; the detail lists the first 20)",
+        json={"evaluations": [{}] * 5000},
+    ),
+    _c(
+        "amplify-unknown-model-long-name",
+        "POST",
+        EMB,
+        404,
+        "… (100000 characters)' is unknown",
+        json={"model": LONG, "input": "x"},
+    ),
+    _c(
+        "amplify-unknown-model-long-name-batch",
+        "POST",
+        BATCH,
+        200,
+        "… (100000 characters)' is unknown",
+        per_item=True,
+        json={"evaluations": [{"image_input": "x", "text_prompt": "y", "model_config_name": LONG}]},
+    ),
+    _c(
+        "amplify-long-field-name",
+        "POST",
+        EMB,
+        422,
+        "request validation failed",
+        content=json.dumps(
+            {"input": "x", "encoding_format": "float", "dimensions": "x" * 150_000}
+        ).encode(),
+        headers={"content-type": "application/json"},
+    ),
+    _c(
+        "amplify-long-prompt-echo",
+        "POST",
+        BATCH,
+        200,
+        "text is 100000 characters long; the limit is 10000",
+        per_item=True,
+        json={"evaluations": [{"image_input": "{media}", "text_prompt": LONG}]},
+        media="png",
+    ),
+]
 
 # --- local paths ----------------------------------------------------------------------------------
 
@@ -1068,6 +1140,7 @@ async def test_hostile_input(client: Any, media: dict[str, bytes], case: Case) -
     response = await client.request(case.method, case.path, **kwargs)
 
     assert response.status_code == case.status, response.text[:500]
+    assert len(response.content) <= case.max_response_bytes, len(response.content)
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     if case.per_item:

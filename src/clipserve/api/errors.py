@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipserve import errors as e
+from clipserve.errors import quote
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def _error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    message = quote(message, MAX_MESSAGE)
     if openai:
         body: dict[str, Any] = {
             "error": {
@@ -122,6 +125,8 @@ def _error_response(
 
 
 OPENAI_PATHS = frozenset({"/v1/embeddings"})
+MAX_MESSAGE = 2000
+"""The longest error message sent (a safety net: messages quote client input short already)."""
 
 
 def overloaded(scope: Any, message: str) -> JSONResponse:
@@ -172,18 +177,33 @@ async def _clipserve_error(request: Request, exc: Exception) -> JSONResponse:
     return _respond(request, status, exc.message, exc.detail, code=code, headers=_headers(exc))
 
 
+MAX_PROBLEMS = 20
+"""Validation problems listed in a 422 (then only their count): 5000 bad items must not make a
+megabyte of errors."""
+
+
+def _problem(err: Mapping[str, Any]) -> dict[str, Any]:
+    """One validation problem, without the input and with every client-chosen part quoted short
+    (a field name in ``loc`` may be a megabyte long)."""
+    loc = [p if isinstance(p, int) else quote(str(p), 100) for p in err.get("loc", ())]
+    return {"loc": loc, "msg": quote(str(err.get("msg", ""))), "type": err.get("type", "")}
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = [
-        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in exc.errors()
-    ]
+    errors = exc.errors()
+    problems = [_problem(err) for err in errors[:MAX_PROBLEMS]]
     first = problems[0] if problems else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    more = ""
+    if len(errors) > MAX_PROBLEMS:
+        more = f" (and {len(errors) - 1} more problems; the detail lists the first {MAX_PROBLEMS})"
+    elif len(errors) > 1:
+        more = f" (and {len(errors) - 1} more problems)"
     return _respond(
         request,
         422,
-        f"request validation failed: {where}: {first['msg']}",
+        f"request validation failed: {where}: {first['msg']}{more}",
         problems,
         code="invalid_request",
     )

@@ -20,6 +20,7 @@ from clipserve.observability.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CLIENT_CLOSED_REQUEST = 499
 """Recorded (never sent) for requests whose client disconnected first (nginx's convention)."""
 
@@ -62,6 +63,8 @@ class RequestContextMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "GET")
+            if method not in _METHODS:  # a label never takes a value the client chose
+                method = "other"
             self.metrics.http_requests_total.labels(method, endpoint, str(status)).inc()
             self.metrics.http_request_duration_seconds.labels(method, endpoint).observe(
                 time.perf_counter() - started

@@ -183,3 +183,17 @@ async def test_batch_limits(
     assert empty.status_code == 422
     bad_size = await client.post(BATCH, json={"evaluations": [item], "batch_size": 0})
     assert bad_size.status_code == 422
+
+
+async def test_client_chosen_names_never_become_metric_labels(client: Any, jpeg_uri: str) -> None:
+    evaluations = [
+        {"image_input": jpeg_uri, "text_prompt": "x", "model_config_name": f"made-up-{i}"}
+        for i in range(3)
+    ]
+    assert (await client.post(BATCH, json={"evaluations": evaluations})).status_code == 200
+    assert (await client.request("PROPFIND", SINGLE)).status_code == 405
+    text = (await client.get("/metrics")).text
+    assert "made-up" not in text
+    assert 'evaluation_errors_total{error_type="ModelNotFoundError",model="unknown"} 3.0' in text
+    assert "PROPFIND" not in text
+    assert 'method="other"' in text

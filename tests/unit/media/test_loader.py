@@ -53,7 +53,10 @@ def jpeg(photo_bytes: Callable[..., bytes]) -> bytes:
 @pytest.fixture
 async def fetcher(jpeg: bytes) -> AsyncIterator[UrlFetcher]:
     async def serve(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "image/jpeg"}, content=jpeg)
+        # A stream, as a server sends it (`content=` would be read, and consumed, up front).
+        return httpx.Response(
+            200, headers={"content-type": "image/jpeg"}, stream=httpx.ByteStream(jpeg)
+        )
 
     fetcher = UrlFetcher(
         MediaSettings(), transport=httpx.MockTransport(serve), resolver=resolve_public

@@ -17,22 +17,23 @@ from clipserve.api.schemas.evaluation import (
 from clipserve.engine.core import prefetch_window
 from clipserve.engine.encoder import UNPAIRED_SURROGATE
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
+from clipserve.errors import quote
 from clipserve.media import describe
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/evaluator/v1/evaluation", tags=["evaluation"])
 
 
-def _echo(text: str) -> str:
+def _echo(text: str, limit: int) -> str:
     """The prompt as echoed back: lone surrogates (refused, but echoed with their error) cannot be
-    encoded as UTF-8, so they become U+FFFD."""
-    return UNPAIRED_SURROGATE.sub("\ufffd", text)
+    encoded as UTF-8, so they become U+FFFD; a prompt over the limit (refused) is echoed short."""
+    return quote(UNPAIRED_SURROGATE.sub("\ufffd", text), limit)
 
 
-def _response(request: EvaluationRequest, result: EvalResult) -> EvaluationResponse:
+def _response(request: EvaluationRequest, result: EvalResult, limit: int) -> EvaluationResponse:
     return EvaluationResponse(
         image_input=describe(request.image_input),
-        text_prompt=_echo(request.text_prompt),
+        text_prompt=_echo(request.text_prompt, limit),
         clip_score=result.score,
         processing_time_ms=round(result.processing_time_ms, 3),
         model_used=result.model,
@@ -49,7 +50,7 @@ def _item(request: EvaluationRequest) -> EvalItem:
 async def evaluate_single(body: EvaluationRequest, engine: EngineDep) -> EvaluationResponse:
     """Score one image-text pair. Errors answer with their 4xx/5xx status and `{error, detail}`."""
     result = await engine.evaluate_one(_item(body))
-    return _response(body, result)
+    return _response(body, result, engine.settings.server.max_prompt_chars)
 
 
 @router.post("/batch", response_model=BatchEvaluationResponse)
@@ -74,10 +75,13 @@ async def evaluate_batch(
         progress=progress if body.show_progress else None,
     )
     elapsed = time.perf_counter() - started
+    limit = engine.settings.server.max_prompt_chars
     failed = sum(1 for r in results if r.error is not None)
     metrics.batch_processing_efficiency.set(len(results) / elapsed if elapsed > 0 else 0.0)
     return BatchEvaluationResponse(
-        results=[_response(req, res) for req, res in zip(body.evaluations, results, strict=True)],
+        results=[
+            _response(req, res, limit) for req, res in zip(body.evaluations, results, strict=True)
+        ],
         total_processed=len(results),
         total_successful=len(results) - failed,
         total_failed=failed,

@@ -25,11 +25,13 @@ from clipserve.engine.encoder import (
     image_ref,
     stack,
 )
-from clipserve.errors import ClipServeError, InvalidInputError
+from clipserve.errors import ClipServeError, InvalidInputError, quote
 from clipserve.media import ImageInput
 from clipserve.models.base import clip_scores
 
 ProgressCallback = Callable[[int, int], None]
+UNKNOWN = "unknown"
+"""The metric label of models that do not exist (names clients chose must not be labels)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,10 @@ class Evaluation:
         return [r for r in out if r is not None]
 
     def _failed(self, name: str, error: ClipServeError, elapsed_ms: float) -> EvalResult:
+        if name not in self._core.registry.names(include_disabled=True):
+            # A name the client made up: never a metric label, and echoed only short.
+            self._core.metrics.evaluation_errors_total.labels(UNKNOWN, type(error).__name__).inc()
+            return EvalResult(quote(name, 100), None, error, processing_time_ms=elapsed_ms)
         self._core.metrics.evaluation_errors_total.labels(name, type(error).__name__).inc()
         return EvalResult(name, None, error, processing_time_ms=elapsed_ms)
 

@@ -20,7 +20,7 @@ from clipserve.engine.core import EngineCore
 from clipserve.engine.encoder import TextOutcome, stack
 from clipserve.engine.registry import ModelHandle
 from clipserve.engine.tasks.embed import Content, Embedding, Encoded, image_refs, indexed
-from clipserve.errors import ClipServeError, InvalidInputError
+from clipserve.errors import ClipServeError, InvalidInputError, quote
 from clipserve.media import ImageInput
 from clipserve.models.base import sigmoid_probabilities
 
@@ -135,6 +135,17 @@ class Retrieval:
         if any(not label.strip() for label in labels):
             raise InvalidInputError("labels must not be empty strings")
         core = self._core
+        # Checked on what will be built, before building it: a 2 MB label in a template of a
+        # hundred '{}' would otherwise make a 200 MB prompt.
+        limit, slots = core.settings.server.max_prompt_chars, template.count("{}")
+        for i, label in enumerate(labels):
+            built = len(template) + slots * (len(label) - 2)
+            if built > limit:
+                raise InvalidInputError(
+                    f"labels[{i}]: its prompt would be {built} characters long (the template "
+                    f"holds '{{}}' {slots} times); the limit is {limit}",
+                    detail={"max_prompt_chars": limit},
+                )
         contents = [Content.image(image) for image in images]
         refs = image_refs(core, contents)
         name = core.resolve_model(model)
@@ -182,7 +193,7 @@ class Retrieval:
             for prompt in todo:
                 outcome = encoded[prompt]
                 if isinstance(outcome, ClipServeError):
-                    raise indexed(outcome, f"label prompt {prompt!r}")
+                    raise indexed(outcome, f"label prompt {quote(prompt)!r}")
                 cache.put(handle, prompt, outcome)
                 resolved[prompt] = outcome
         return [resolved[p].embedding for p in prompts]
