@@ -450,6 +450,26 @@ CASES += [
     ),
 ]
 
+# --- host names a resolver would choke on: refused before any lookup, never a 500 ------------
+
+for name, host, message in (
+    ("empty-label", "a..example", "an empty label"),
+    ("long-label", "a" * 64 + ".example", "longer than 63 characters"),
+    ("digits-5000", "1" * 5000, "has characters a host name cannot have"),
+    ("zero-padded-octal", "0" * 300 + "177.0.0.1", "is 127.0.0.1, a loopback"),  # inet_aton's
+):
+    CASES.append(
+        _c(
+            f"host-{name}",
+            "POST",
+            SINGLE,
+            400,
+            message,
+            json={"image_input": f"http://{host}/a.png", "text_prompt": "x"},
+            max_response_bytes=5_000,
+        )
+    )
+
 # --- local paths ----------------------------------------------------------------------------------
 
 PATHS = [

@@ -64,6 +64,7 @@ _NOT_IMAGE_TYPES: Final = frozenset(
 _INET_ATON_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")  # names, after IDNA
+_MAX_LABEL: Final = 63  # characters in one label of a host name (RFC 1035)
 MAX_PINNED_ADDRESSES: Final = 4  # checked addresses tried in turn when connecting fails
 
 Pins: TypeAlias = tuple[str, tuple[str, ...]]
@@ -150,6 +151,10 @@ def parse_ip_literal(host: str) -> IPAddress | None:
         pass
     parts = host.split(".")
     if not 1 <= len(parts) <= 4 or not all(_INET_ATON_PART.fullmatch(p) for p in parts):
+        return None
+    # A part of more than 11 significant digits is over 2**32 in any base: no address (and no
+    # 5000-digit int() conversion, which Python refuses with a ValueError).
+    if any(len((p[2:] if p[:2].lower() == "0x" else p).lstrip("0")) > 11 for p in parts):
         return None
     numbers = [
         int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8 if p[:1] == "0" else 10)
@@ -408,11 +413,18 @@ class UrlFetcher:
         if not parsed.host:
             raise MediaFetchError(f"invalid image URL {shown}: it has no host")
         raw_host = parsed.raw_host.decode("ascii", "replace")
-        if not _HOST_RE.fullmatch(raw_host) and parse_ip_literal(raw_host) is None:
-            raise MediaFetchError(  # refused before any DNS lookup
-                f"invalid image URL {shown}: the host name '{raw_host[:100]}' has characters "
-                "a host name cannot have"
-            )
+        if parse_ip_literal(raw_host) is None:  # a name: refused before any DNS lookup
+            if not _HOST_RE.fullmatch(raw_host):
+                raise MediaFetchError(
+                    f"invalid image URL {shown}: the host name '{raw_host[:100]}' has characters "
+                    "a host name cannot have"
+                )
+            labels = raw_host.removesuffix(".").split(".")
+            if any(not label or len(label) > _MAX_LABEL for label in labels):
+                raise MediaFetchError(  # the resolver would raise on these, not answer
+                    f"invalid image URL {shown}: the host name '{raw_host[:100]}' has an empty "
+                    f"label or one longer than {_MAX_LABEL} characters"
+                )
         if parsed.port is not None and not 0 < parsed.port < 65536:
             raise MediaFetchError(f"invalid image URL {shown}: port {parsed.port} is out of range")
         return parsed
@@ -483,6 +495,10 @@ class UrlFetcher:
             ) from exc
         except OSError as exc:
             raise _RetryableError(f"DNS lookup of '{host[:100]}' failed ({exc})") from exc
+        except (UnicodeError, ValueError) as exc:  # what the resolver cannot even look up
+            raise MediaFetchError(
+                f"image could not be fetched: host '{host[:100]}' is not a valid host name"
+            ) from exc
         if not raw:
             raise MediaFetchError(
                 f"image could not be fetched: host '{host[:100]}' resolved to no address"
@@ -500,11 +516,23 @@ class UrlFetcher:
 
 
 def _refused(host: str, ip: IPAddress, why: str, *, literal: bool) -> MediaAccessDeniedError:
-    verb = "is" if literal else "resolves to"
+    """The refusal. A name's resolved address is not said (the log has it): it would map the
+    internal network for whoever asks."""
+    if literal:
+        return MediaAccessDeniedError(
+            f"image URL refused: host '{host[:100]}' is {ip}, {why}",
+            detail={"host": host[:100], "address": str(ip)},
+        )
+    logger.info("image URL refused: host %r resolves to %s, %s", host[:100], ip, why)
     return MediaAccessDeniedError(
-        f"image URL refused: host '{host[:100]}' {verb} {ip}, {why}",
-        detail={"host": host[:100], "address": str(ip)},
+        f"image URL refused: host '{host[:100]}' resolves to {_article(why)}",
+        detail={"host": host[:100]},
     )
+
+
+def _article(why: str) -> str:
+    """``a loopback address; ...`` as it is; ``in media.denied_networks (...)`` with a noun."""
+    return f"an address {why}" if why.startswith("in ") else why
 
 
 def _host_matches(host: str, pattern: str) -> bool:
