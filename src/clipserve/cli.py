@@ -164,15 +164,19 @@ def serve(
 
 
 @app.command("hash-key")
-def hash_key_command(
-    key: Annotated[str, typer.Argument(help="The API key to hash (or - to read it from stdin).")],
-) -> None:
-    """Print the hash of an API key, for `auth.api_keys` or the key file."""
+def hash_key_command() -> None:
+    """Print the hash of an API key, for `auth.api_keys` or the key file. The key is read from
+    stdin (typed without echo on a terminal), never from the command line, where it would stay in
+    the shell history and the process list."""
+    import getpass
     import sys
 
     from clipserve.api.security import hash_key
 
-    secret = sys.stdin.readline().strip() if key == "-" else key
+    if sys.stdin.isatty():
+        secret = getpass.getpass("API key: ").strip()
+    else:
+        secret = sys.stdin.readline().strip()
     if not secret:
         console.print("[red]error:[/red] the key is empty")
         raise typer.Exit(2)

@@ -343,10 +343,25 @@ class RateLimitSettings(BaseModel):
     storage_url: str = Field(
         default="memory://", description="memory:// (one process) or redis://host:6379/0 (shared)"
     )
-    trust_forwarded_for: bool = Field(
-        default=False,
-        description="key clients by the first X-Forwarded-For address (behind a proxy)",
+    trusted_proxies: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description=(
+            "proxies in front of the service: clients are keyed by the X-Forwarded-For entry that "
+            "many places from the right (0: by the peer address; the header is ignored)"
+        ),
     )
+    trust_forwarded_for: bool = Field(
+        default=False, description="deprecated: the same as trusted_proxies=1"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_proxy_when_trusted(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("trust_forwarded_for") in (True, "true", "1"):
+            return {**data, "trusted_proxies": 1} if not data.get("trusted_proxies") else data
+        return data
 
     @field_validator("requests", "items")
     @classmethod

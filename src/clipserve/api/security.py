@@ -12,6 +12,7 @@ become an outage of the service.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from clipserve.config import AuthSettings, RateLimitSettings
 from clipserve.errors import (
     AuthenticationError,
     ConfigError,
+    EngineNotReadyError,
     InvalidInputError,
     RateLimitedError,
 )
@@ -74,6 +76,8 @@ class ApiKeys:
         self._file = settings.api_keys_file
         self._clock = clock
         self._file_keys: frozenset[str] = frozenset()
+        self._broken: str | None = None
+        """Why the key file could not be read since it changed: then every key is refused."""
         self._stamp: tuple[int, int] | None = None
         self._checked_at = -math.inf
         if self._file is not None:
@@ -97,9 +101,12 @@ class ApiKeys:
         if stamp == self._stamp:
             return
         try:
-            self._file_keys = _parse_key_file(self._file)
+            self._file_keys, self._broken = _parse_key_file(self._file), None
         except ConfigError as exc:
-            logger.error("keeping the previous API keys: %s", exc.message)
+            # A deleted or corrupt file may be a revocation: keeping the old keys would keep
+            # honouring keys someone meant to withdraw. Every key is refused until it is fixed.
+            self._file_keys, self._broken = frozenset(), exc.message
+            logger.error("API key file unusable, every key is refused: %s", exc.message)
         else:
             logger.info("API key file reloaded: %d keys", len(self._file_keys))
         self._stamp = stamp
@@ -112,6 +119,12 @@ class ApiKeys:
                 "'X-API-Key: <key>'"
             )
         self._refresh()
+        if self._broken is not None:
+            logger.error("refusing a key: the API key file is unusable (%s)", self._broken)
+            raise EngineNotReadyError(
+                "the server's API key file is unusable (deleted or corrupt): every key is refused "
+                "until an operator fixes it"
+            )
         digest = hashlib.sha256(presented.encode("utf-8")).hexdigest()
         if digest in self._inline or digest in self._file_keys:
             return f"key:{digest[:12]}"
@@ -126,12 +139,21 @@ def presented_key(request: Request) -> str | None:
     return key or None
 
 
-def client_address(request: Request, *, trust_forwarded_for: bool) -> str:
-    if trust_forwarded_for:
-        forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
-        if forwarded:
-            return forwarded[:64]
-    return request.client.host if request.client else "unknown"
+def client_address(request: Request, *, trusted_proxies: int) -> str:
+    """The client's address: the peer's, or behind ``trusted_proxies`` proxies, the
+    ``X-Forwarded-For`` entry that many places from the right (each proxy appends the address
+    it saw; entries further left are whatever the client wrote, and cannot be trusted)."""
+    peer = request.client.host if request.client else "unknown"
+    if trusted_proxies <= 0:
+        return peer
+    entries = [e.strip() for e in ",".join(request.headers.getlist("x-forwarded-for")).split(",")]
+    if len(entries) < trusted_proxies:
+        return peer  # fewer entries than proxies: the chain is not what it was configured as
+    candidate = entries[-trusted_proxies]
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return peer
 
 
 class RateLimiter:
@@ -190,7 +212,7 @@ class Security:
         self.auth = auth
         self.keys = ApiKeys(auth)
         self.limiter = RateLimiter(rate_limit, metrics)
-        self._trust_forwarded_for = rate_limit.trust_forwarded_for
+        self._trusted_proxies = rate_limit.trusted_proxies
 
     def is_open(self, request: Request) -> bool:
         path = request.url.path
@@ -199,7 +221,7 @@ class Security:
     def caller(self, request: Request) -> str:
         if self.keys.enabled:
             return self.keys.identify(presented_key(request))
-        return "ip:" + client_address(request, trust_forwarded_for=self._trust_forwarded_for)
+        return "ip:" + client_address(request, trusted_proxies=self._trusted_proxies)
 
 
 async def guard(request: Request) -> None:

@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from clipserve.api.security import ApiKeys, hash_key
+from clipserve.api.security import ApiKeys, client_address, hash_key
 from clipserve.cli import app as cli
 from clipserve.config import AuthSettings, RateLimitSettings, Settings
-from clipserve.errors import AuthenticationError, ConfigError
+from clipserve.errors import AuthenticationError, ConfigError, EngineNotReadyError
 from clipserve.testing import FakeLoader
 
 KEY = "sk-test-0123456789"
@@ -117,9 +117,19 @@ def test_the_key_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     assert keys.identify(OTHER).startswith("key:")
     with pytest.raises(AuthenticationError):
         keys.identify(KEY)
-    path.write_text("not a hash\n")  # a broken edit keeps the previous keys
+    path.write_text("not a hash\n")  # a broken edit may be a revocation: every key is refused
     now[0] = 10.0
-    assert keys.identify(OTHER).startswith("key:")
+    with pytest.raises(EngineNotReadyError, match="key file is unusable"):
+        keys.identify(OTHER)
+    path.unlink()  # so is a deleted file
+    now[0] = 15.0
+    with pytest.raises(EngineNotReadyError, match="every key is refused"):
+        keys.identify(OTHER)
+    path.write_text(f"{hash_key(KEY)}\n")  # fixed: the file's keys again
+    now[0] = 20.0
+    assert keys.identify(KEY).startswith("key:")
+    with pytest.raises(AuthenticationError):
+        keys.identify(OTHER)
 
 
 def test_a_bad_key_file_fails_start_up(tmp_path: Path) -> None:
@@ -131,13 +141,16 @@ def test_a_bad_key_file_fails_start_up(tmp_path: Path) -> None:
         ApiKeys(AuthSettings(api_keys_file=tmp_path / "missing"))
 
 
-def test_hash_key_command() -> None:
-    result = CliRunner().invoke(cli, ["hash-key", KEY])
-    assert result.exit_code == 0
+def test_hash_key_reads_the_key_from_stdin_only() -> None:
+    result = CliRunner().invoke(cli, ["hash-key"], input=f"{KEY}\n")
+    assert result.exit_code == 0, result.output
     assert result.output.strip() == hash_key(KEY)
     assert len(hash_key(KEY)) == 7 + 64
-    from_stdin = CliRunner().invoke(cli, ["hash-key", "-"], input=f"{KEY}\n")
-    assert from_stdin.output.strip() == hash_key(KEY)
+    on_argv = CliRunner().invoke(cli, ["hash-key", KEY])
+    assert on_argv.exit_code == 2  # a key on the command line is not taken
+    assert hash_key(KEY) not in on_argv.output
+    empty = CliRunner().invoke(cli, ["hash-key"], input="\n")
+    assert empty.exit_code == 2
 
 
 # --- rate limits ---------------------------------------------------------------------------------
@@ -146,10 +159,10 @@ def test_hash_key_command() -> None:
 async def test_request_rate_is_limited_per_caller(
     client_for: Callable[..., Any], make_settings: Callable[..., Any]
 ) -> None:
-    settings = make_settings(rate_limit={"requests": "2/minute", "trust_forwarded_for": True})
+    settings = make_settings(rate_limit={"requests": "2/minute", "trusted_proxies": 1})
     client = await client_for(settings, FakeLoader())
     alice = {"X-Forwarded-For": "203.0.113.7"}
-    bob = {"X-Forwarded-For": "198.51.100.2, 10.0.0.1"}
+    bob = {"X-Forwarded-For": "203.0.113.7, 198.51.100.2"}  # what bob wrote, then his address
     assert [(await client.post("/embed", json=EMBED, headers=alice)).status_code for _ in "ab"] == [
         200,
         200,
@@ -209,3 +222,25 @@ def test_rate_limit_settings_are_validated() -> None:
     assert not RateLimitSettings().enabled
     assert RateLimitSettings(items="10/second;100/minute").enabled
     assert Settings(rate_limit={"requests": " "}).rate_limit.requests is None
+
+
+@pytest.mark.parametrize(
+    ("header", "proxies", "caller"),
+    [
+        (None, 0, "127.0.0.1"),
+        ("203.0.113.7", 0, "127.0.0.1"),  # no proxy configured: the header is ignored
+        ("203.0.113.7", 1, "203.0.113.7"),
+        ("1.2.3.4, 203.0.113.7", 1, "203.0.113.7"),  # a spoofed left part is skipped
+        ("1.2.3.4, 203.0.113.7, 10.0.0.2", 2, "203.0.113.7"),  # two proxies
+        ("203.0.113.7", 2, "127.0.0.1"),  # shorter than the proxy chain: not trusted
+        ("not-an-ip", 1, "127.0.0.1"),
+    ],
+)
+def test_the_client_address_is_read_from_the_right(
+    header: str | None, proxies: int, caller: str
+) -> None:
+    from starlette.requests import Request
+
+    headers = [(b"x-forwarded-for", header.encode())] if header else []
+    scope = {"type": "http", "headers": headers, "client": ("127.0.0.1", 5555)}
+    assert client_address(Request(scope), trusted_proxies=proxies) == caller
