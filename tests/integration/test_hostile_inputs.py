@@ -141,6 +141,8 @@ class Case:
     classify data)."""
     max_response_bytes: int = 20_000
     """An answer never grows with what was sent: errors quote input short, list few problems."""
+    forbidden: str | None = None
+    """Text the answer must not hold (a secret of the input)."""
 
 
 def _c(id_: str, method: str, path: str, status: int, message: str = "", **kw: Any) -> Case:
@@ -469,6 +471,22 @@ for name, host, message in (
             max_response_bytes=5_000,
         )
     )
+
+# --- signed URLs: query values are never echoed (nor logged) ------------------------------------
+
+SIGNED = "http://127.0.0.1/a.png?X-Amz-Signature=SECRETSIG&token=SECRETTOKEN&sig=SECRET"
+CASES.append(
+    _c(
+        "signed-url-is-redacted",
+        "POST",
+        BATCH,
+        200,
+        "image URL refused: host '127.0.0.1' is 127.0.0.1",
+        per_item=True,
+        json={"evaluations": [{"image_input": SIGNED, "text_prompt": "x"}]},
+        forbidden="SECRET",
+    )
+)
 
 # --- local paths ----------------------------------------------------------------------------------
 
@@ -1161,6 +1179,8 @@ async def test_hostile_input(client: Any, media: dict[str, bytes], case: Case) -
 
     assert response.status_code == case.status, response.text[:500]
     assert len(response.content) <= case.max_response_bytes, len(response.content)
+    if case.forbidden is not None:
+        assert case.forbidden not in response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     if case.per_item:

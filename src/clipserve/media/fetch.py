@@ -255,9 +255,7 @@ class UrlFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """The body of ``url`` (at most ``max_image_bytes``), following redirects and retrying."""
-        target = self._parse(url)
-        async with self._semaphore:
-            return await self._fetch_with_retries(target)
+        return await self._fetch_with_retries(self._parse(url))
 
     async def _fetch_with_retries(self, url: httpx.URL) -> bytes:
         settings = self._settings
@@ -268,7 +266,8 @@ class UrlFetcher:
             made += 1
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(settings.fetch_timeout_s):
+                # A concurrency slot per attempt: never held while backing off between attempts.
+                async with self._semaphore, asyncio.timeout(settings.fetch_timeout_s):
                     return await self._follow(url)
             except _RetryableError as exc:
                 failure = exc

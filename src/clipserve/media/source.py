@@ -92,7 +92,7 @@ def describe(value: ImageInput) -> str:
             header = header[:64] + "…"
         preview = _printable(payload[:_DATA_URI_PREVIEW])
         return f"{_printable(header)}{comma}{preview}…({len(text)} chars)"
-    return _printable(_cap(_redact_userinfo(text)))
+    return _printable(_cap(_redact(text)))
 
 
 def parse_data_uri(uri: str, *, max_bytes: int) -> tuple[str, bytes]:
@@ -197,14 +197,21 @@ def _decode_base64(payload: str) -> bytes:
         raise InvalidImageError(f"invalid data URI: the base64 data is malformed ({exc})") from exc
 
 
-def _redact_userinfo(url: str) -> str:
+def _redact(url: str) -> str:
+    """``url`` without its secrets: the user info, and every query value (signed URLs carry
+    their credentials there: ``X-Amz-Signature``, ``sig``, ``token``...); the keys stay."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    if "@" not in parts.netloc and not parts.query:
+        return url  # as given (urlsplit would drop control characters the log must show)
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    if parts.query:
+        fields = (f.partition("=") for f in parts.query.split("&"))
+        parts = parts._replace(query="&".join(k + ("=***" if eq else "") for k, eq, _ in fields))
+    return urlunsplit(parts)
 
 
 def _cap(text: str) -> str:

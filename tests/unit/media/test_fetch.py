@@ -640,6 +640,25 @@ async def test_5xx_is_retried_with_exponential_backoff(harness: Callable[..., Ha
     assert h.sleeps == [0.25, 0.5]
 
 
+async def test_the_fetch_slot_is_not_held_while_backing_off(
+    harness: Callable[..., Harness],
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/flaky.png" and len(h.requests) == 1:
+            return httpx.Response(503)
+        return httpx.Response(200, content=IMAGE)
+
+    h = harness(handler, max_concurrent_fetches=1)
+    others: list[bytes] = []
+
+    async def sleep(delay: float) -> None:  # while backing off, the only slot is free
+        others.append(await asyncio.wait_for(h.fetch(URL), 5))
+
+    h.fetcher._sleep = sleep
+    assert await h.fetch("http://img.example/flaky.png") == IMAGE
+    assert others == [IMAGE]
+
+
 async def test_exhausted_retries(harness: Callable[..., Harness]) -> None:
     h = harness([httpx.Response(503)], fetch_retries=3, retry_backoff_s=0.1)
     with pytest.raises(MediaUpstreamError) as caught:

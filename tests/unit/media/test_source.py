@@ -86,7 +86,7 @@ def test_classify_refuses_other_types() -> None:
 
 
 def test_describe() -> None:
-    assert describe("https://img.example/a.png?x=1") == "https://img.example/a.png?x=1"
+    assert describe("https://img.example/a.png?x=1") == "https://img.example/a.png?x=***"
     assert describe(Image.new("RGBA", (512, 256))) == "<PIL image 512x256 RGBA>"
     assert describe(b"\x00" * 1234) == "<bytes: 1234>"
     assert describe("images/cat.png") == "images/cat.png"
@@ -104,6 +104,10 @@ def test_describe_caps_urls_and_hides_credentials() -> None:
     long_url = "https://img.example/" + "a" * 1000
     assert describe(long_url) == f"{long_url[:200]}…({len(long_url)} chars)"
     assert describe("https://user:secret@img.example/a.png") == "https://***@img.example/a.png"
+    signed = "https://bucket.s3.example/a.png?X-Amz-Credential=AKIA/x&X-Amz-Signature=f00d&flag"
+    assert describe(signed) == (
+        "https://bucket.s3.example/a.png?X-Amz-Credential=***&X-Amz-Signature=***&flag"
+    )
 
 
 def test_describe_escapes_control_characters() -> None:
