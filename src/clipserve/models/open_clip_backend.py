@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -97,6 +98,37 @@ def _looks_like_path(value: str) -> bool:
         or value.startswith(("/", "./", "../", "~"))
         or "\\" in value
     )
+
+
+MAX_TOKEN_CHARS = 34
+"""More characters than one token of the CLIP BPE vocabulary spans (32), with a separator."""
+BPE_CACHE_ENTRIES = 50_000
+"""Words whose BPE open_clip's SimpleTokenizer remembers (its own cache never forgets)."""
+
+
+class _BoundedCache(dict[str, str]):
+    """open_clip's BPE word cache with a bound: the entries it starts with (the special tokens)
+    stay; of the rest, the oldest go first."""
+
+    def __init__(self, pinned: dict[str, str], limit: int) -> None:
+        super().__init__(pinned)
+        self._pinned = frozenset(pinned)
+        self._limit = limit
+        self._order: deque[str] = deque()
+
+    def __setitem__(self, key: str, value: str) -> None:
+        if key not in self:
+            self._order.append(key)
+            while len(self._order) > self._limit:
+                super().__delitem__(self._order.popleft())
+        super().__setitem__(key, value)
+
+
+def _bound_bpe_cache(tokenizer: Any) -> None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer) and type(tokenizer.cache) is dict:
+        tokenizer.cache = _BoundedCache(tokenizer.cache, BPE_CACHE_ENTRIES)
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:
@@ -225,6 +257,7 @@ class OpenClipBackend:
         self._model: Any = model.eval()
         self._preprocess = _PilThenNumpy.wrap(preprocess) or preprocess
         self._tokenizer = tokenizer
+        _bound_bpe_cache(tokenizer)
         self._tokenizer_lock = threading.Lock()
         self._count_tokens = _token_counter(tokenizer)
         self._device = torch.device(device)
@@ -307,14 +340,22 @@ class OpenClipBackend:
         return pixels.float()
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        texts = list(texts)
-        if not texts:
+        """Texts cut to ``context_length * MAX_TOKEN_CHARS`` characters first: no token is longer,
+        so the tokens that fit the context are the same, and a hostile 10,000-letter word cannot
+        make open_clip's BPE (quadratic in a word's length) run for seconds. Token counts of cut
+        texts are then those of the cut text (still over the context: ``truncated``)."""
+        bound = self._context_length * MAX_TOKEN_CHARS
+        cut = [text[:bound] for text in texts]
+        if not cut:
             empty = torch.zeros((0, self._context_length), dtype=torch.long)
             return TokenizedTexts(inputs={"input_ids": empty}, token_counts=(), truncated=())
         with self._tokenizer_lock:  # HF-based tokenizers keep truncation state per call
-            ids = self._tokenizer(texts, context_length=self._context_length)
-            counts = tuple(self._count_tokens(text) for text in texts)
-        truncated = tuple(count > self._context_length for count in counts)
+            ids = self._tokenizer(cut, context_length=self._context_length)
+            counts = tuple(self._count_tokens(text) for text in cut)
+        truncated = tuple(
+            count > self._context_length or len(text) > bound
+            for count, text in zip(counts, texts, strict=True)
+        )
         return TokenizedTexts(inputs={"input_ids": ids}, token_counts=counts, truncated=truncated)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from PIL import Image
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import Backend, clip_scores
 from clipserve.models.open_clip_backend import (
+    MAX_TOKEN_CHARS,
     OpenClipBackend,
+    _BoundedCache,
     _PilThenNumpy,
     resolve_open_clip_source,
 )
@@ -130,6 +133,35 @@ def test_truncation_is_reported_not_fatal(backend: OpenClipBackend, long_text: s
     # the count is exactly what the tokenizer keeps when nothing is truncated
     assert int((tokens.inputs["input_ids"][1] != 0).sum()) == 4
     assert backend.encode_texts(tokens).shape == (3, 32)
+
+
+def test_a_hostile_long_word_costs_milliseconds_not_seconds(backend: OpenClipBackend) -> None:
+    word = "".join(chr(ord("a") + (i * 7919) % 26) for i in range(20_000))  # no repeats to cache
+    started = time.perf_counter()
+    tokens = backend.tokenize([word, "a photo of a cat"])
+    assert time.perf_counter() - started < 2.0  # uncut: about 8 s of BPE on this machine
+    assert tokens.truncated == (True, False)
+
+
+def test_cutting_long_texts_keeps_the_tokens_that_fit(
+    backend: OpenClipBackend, long_text: str
+) -> None:
+    text = (long_text + " ") * 40
+    assert len(text) > 77 * MAX_TOKEN_CHARS
+    reference = open_clip.get_tokenizer("ViT-B-32")([text], context_length=77)
+    assert torch.equal(backend.tokenize([text]).inputs["input_ids"], reference)
+
+
+def test_the_bpe_word_cache_is_bounded() -> None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    plain, bounded = SimpleTokenizer(), SimpleTokenizer()
+    special = dict(bounded.cache)
+    bounded.cache = _BoundedCache(bounded.cache, 100)
+    words = [f"w{i}x{i * 31 % 97}q" for i in range(1000)]
+    assert torch.equal(bounded(words), plain(words))  # the same tokens
+    assert len(bounded.cache) <= 100 + len(special)
+    assert all(bounded.cache[k] == v for k, v in special.items())  # special tokens stay
 
 
 def test_empty_batches(backend: OpenClipBackend) -> None:
