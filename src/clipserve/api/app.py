@@ -6,10 +6,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from clipserve import __version__
-from clipserve.api.errors import overloaded, register_error_handlers
+from clipserve.api.errors import error_before_routing, overloaded, register_error_handlers
 from clipserve.api.middleware import (
     BodyLimitMiddleware,
     CancelOnDisconnectMiddleware,
@@ -18,7 +18,7 @@ from clipserve.api.middleware import (
 )
 from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
 from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
-from clipserve.api.security import OPEN_PATHS, Security, guard
+from clipserve.api.security import OPEN_PATHS, AccessMiddleware, Security
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
@@ -59,11 +59,10 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
-        dependencies=[Depends(guard)],  # API keys and rate limits, on every route
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.security = Security(settings.auth, settings.rate_limit, metrics)
+    app.state.security = security = Security(settings.auth, settings.rate_limit, metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
     app.add_middleware(CancelOnDisconnectMiddleware)
     if settings.server.max_concurrent_requests is not None:
@@ -73,6 +72,8 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
             exempt=OPEN_PATHS,
             refuse=overloaded,
         )
+    # API keys and request rates from the headers: before the concurrency limit and any body.
+    app.add_middleware(AccessMiddleware, security=security, refuse=error_before_routing)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
     register_error_handlers(app)
     errors, openai_errors = error_responses(ErrorResponse), error_responses(OpenAIErrorResponse)

@@ -86,6 +86,10 @@ _OPENAI_CODES: tuple[tuple[type[e.ClipServeError], str], ...] = (
 )
 
 
+def _openai_code(exc: e.ClipServeError) -> str | None:
+    return next((c for cls, c in _OPENAI_CODES if isinstance(exc, cls)), None)
+
+
 def _respond(
     request: Request,
     status: int,
@@ -129,15 +133,22 @@ MAX_MESSAGE = 2000
 """The longest error message sent (a safety net: messages quote client input short already)."""
 
 
-def overloaded(scope: Any, message: str) -> JSONResponse:
-    """The 429 of the concurrency limit (sent before routing: the path picks the body's shape)."""
+def error_before_routing(scope: Any, exc: e.ClipServeError) -> JSONResponse:
+    """The response to an error a middleware raises before routing (API keys, rate limits, the
+    concurrency limit): the path picks the body's shape."""
     return _error_response(
         scope.get("path") in OPENAI_PATHS,
-        429,
-        message,
-        code="rate_limit_exceeded",
-        headers=retry_after(1.0),
+        status_for(exc),
+        exc.message,
+        exc.detail,
+        code=_openai_code(exc),
+        headers=_headers(exc),
     )
+
+
+def overloaded(scope: Any, message: str) -> JSONResponse:
+    """The 429 of the concurrency limit."""
+    return error_before_routing(scope, e.QueueFullError(message, retry_after_s=1.0))
 
 
 def status_for(exc: e.ClipServeError) -> int:
@@ -173,7 +184,7 @@ async def _clipserve_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
-    code = next((c for cls, c in _OPENAI_CODES if isinstance(exc, cls)), None)
+    code = _openai_code(exc)
     return _respond(request, status, exc.message, exc.detail, code=code, headers=_headers(exc))
 
 

@@ -1,8 +1,9 @@
 """Who is calling and how much they may do: optional API keys, and rate limits per caller.
 
-Both run as one app-wide dependency (:func:`guard`), after routing, so their errors go through
-the one error mapping (401 / 429, OpenAI-shaped on OpenAI routes). Keys are kept hashed
-(``sha256:<hex>``); a caller is its key's id when keys are on, else its address. Rate limits use
+Both run in ASGI middleware (:class:`AccessMiddleware`), from the headers, before the body is
+read; their errors go through the one error mapping (401 / 429, OpenAI-shaped on OpenAI paths).
+Keys are kept hashed (``sha256:<hex>``); a caller is its key's id when keys are on, else its
+address. Rate limits use
 the ``limits`` library's sliding-window counter (O(1) state per caller and limit, no bursts at
 window edges), in memory or in Redis so that replicas share them. When the Redis storage fails,
 requests are let through and the failure is logged and counted: an outage of the limiter must not
@@ -21,10 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clipserve.config import AuthSettings, RateLimitSettings
 from clipserve.errors import (
     AuthenticationError,
+    ClipServeError,
     ConfigError,
     EngineNotReadyError,
     InvalidInputError,
@@ -214,8 +218,7 @@ class Security:
         self.limiter = RateLimiter(rate_limit, metrics)
         self._trusted_proxies = rate_limit.trusted_proxies
 
-    def is_open(self, request: Request) -> bool:
-        path = request.url.path
+    def is_open(self, path: str) -> bool:
         return path in DOCS_PATHS or (self.auth.public_health and path in OPEN_PATHS)
 
     def caller(self, request: Request) -> str:
@@ -224,14 +227,30 @@ class Security:
         return "ip:" + client_address(request, trusted_proxies=self._trusted_proxies)
 
 
-async def guard(request: Request) -> None:
-    """The app-wide dependency: authenticate, then count the request against its caller."""
-    security: Security = request.app.state.security
-    if security.is_open(request):
-        return
-    caller = security.caller(request)
-    request.state.caller = caller
-    await security.limiter.charge(caller, "requests")
+class AccessMiddleware:
+    """Authenticates a request and counts it against its caller's request rate from its headers
+    alone, before anything reads the body: an unauthenticated or over-limit client cannot make
+    the server read (let alone parse) 60 MB of JSON. The caller id is left in the request's
+    state for the item limits, which need the parsed body. Refusals go through ``refuse`` (the
+    app's one error mapping, OpenAI-shaped on OpenAI paths)."""
+
+    def __init__(
+        self, app: ASGIApp, security: Security, refuse: Callable[[Scope, ClipServeError], Response]
+    ) -> None:
+        self.app = app
+        self.security = security
+        self.refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.security.is_open(scope.get("path", "")):
+            try:
+                caller = self.security.caller(Request(scope))
+                await self.security.limiter.charge(caller, "requests")
+            except ClipServeError as exc:
+                await self.refuse(scope, exc)(scope, receive, send)
+                return
+            scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
 
 
 InputBudget = Callable[[int, str], Awaitable[None]]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,30 @@ async def test_the_openai_client_gets_an_authentication_error(keyed: Any) -> Non
     assert refused.value.code == "invalid_api_key"
     good = openai.AsyncOpenAI(api_key=KEY, base_url="http://testserver/v1", http_client=keyed)
     assert len((await good.embeddings.create(model="fast", input="x")).data) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/evaluator/v1/evaluation/batch"])
+async def test_refused_before_the_body_is_read(
+    client_for: Callable[..., Any], make_settings: Callable[..., Any], path: str
+) -> None:
+    """No key: 401 from the headers alone; the 64 MB body is never pulled, let alone parsed."""
+    settings = make_settings(auth={"api_keys": [hash_key(KEY)]})
+    client = await client_for(settings, FakeLoader())
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(1024):
+            pulled += 1
+            yield b" " * 65536
+
+    response = await client.post(path, content=body(), headers={"content-type": "application/json"})
+    assert response.status_code == 401
+    assert pulled == 0
+    if path == "/v1/embeddings":
+        assert response.json()["error"]["code"] == "invalid_api_key"  # OpenAI's shape there
+    else:
+        assert response.json()["error"].startswith("this server requires an API key")
 
 
 def test_keys_must_be_configured_as_hashes() -> None:
