@@ -147,7 +147,18 @@ class ServerSettings(BaseModel):
     )
     max_prompt_chars: int = Field(default=10_000, gt=0)
     max_body_bytes: int = Field(
-        default=64 * 1024 * 1024, gt=0, description="request body size; larger bodies get 413"
+        default=32 * 1024 * 1024,
+        gt=0,
+        description=(
+            "request body size; larger bodies get 413. 32 MiB holds a full request of "
+            "max_batch_items (1000) captions of max_prompt_chars (10,000) with room to spare, or "
+            "one inline image of max_image_bytes (20 MiB is 27 MiB in base64)"
+        ),
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a request body may take to arrive (slow-loris); slower gets 408",
     )
     max_concurrent_requests: int | None = Field(
         default=None,

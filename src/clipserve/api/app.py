@@ -63,7 +63,11 @@ def create_app(settings: Settings, *, loader: BackendLoader | None = None) -> Fa
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.security = security = Security(settings.auth, settings.rate_limit, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.server.max_body_bytes,
+        timeout_s=settings.server.body_timeout_s,
+    )
     app.add_middleware(CancelOnDisconnectMiddleware)
     if settings.server.max_concurrent_requests is not None:
         app.add_middleware(

@@ -138,12 +138,14 @@ class BodyLimitMiddleware:
     ``Content-Length`` over the limit is refused at the first read, and a body that streams past
     the limit (chunked, or a lying header) is cut off there. A compressed body (``Content-Encoding``
     other than identity) is refused with 415: what it would inflate to is unknown until inflated.
+    A body that trickles in (slow-loris) gets 408 once ``timeout_s`` has passed since it started.
     The errors are raised from ``receive``, so they reach the app's one error mapping like any
     other."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self, size: str) -> HTTPException:
         return HTTPException(
@@ -160,9 +162,11 @@ class BodyLimitMiddleware:
         encoding = headers.get(b"content-encoding", b"").strip().lower()
         compressed = encoding not in (b"", b"identity")
         seen = 0
+        complete = False
+        deadline: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, complete, deadline
             if compressed:
                 shown = encoding[:40].decode("latin-1")
                 raise HTTPException(
@@ -172,11 +176,23 @@ class BodyLimitMiddleware:
                 )
             if over:
                 raise self._too_large(f" of {int(declared)} bytes")
-            message = await receive()
+            if complete:
+                return await receive()  # after the body: disconnect checks, no deadline
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise self._too_large("")
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -184,8 +200,10 @@ class BodyLimitMiddleware:
 
 class ConcurrencyLimitMiddleware:
     """At most ``limit`` requests in progress; the next ones get 429 at once, before their body is
-    read, so that refusing costs almost nothing and the work in progress keeps the CPU. Paths in
-    ``exempt`` (health, readiness, metrics) are neither counted nor refused."""
+    read, so that refusing costs almost nothing and the work in progress keeps the CPU. A request
+    counts once its body has arrived (at once when it has none): a slow-loris client trickling
+    bodies in holds no slot (the body deadline ends it). Paths in ``exempt`` (health, readiness,
+    metrics) are neither counted nor refused."""
 
     def __init__(
         self,
@@ -211,8 +229,28 @@ class ConcurrencyLimitMiddleware:
             )
             await self.refuse(scope, message)(scope, receive, send)
             return
-        self.in_progress += 1
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.in_progress += 1
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                count()
+            return message
+
+        headers = dict(scope.get("headers") or [])
+        if (
+            headers.get(b"content-length", b"0") in (b"", b"0")
+            and b"transfer-encoding" not in headers
+        ):
+            count()  # no body to wait for
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, counting_receive, send)
         finally:
-            self.in_progress -= 1
+            if counted:
+                self.in_progress -= 1

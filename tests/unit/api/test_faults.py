@@ -163,3 +163,31 @@ async def test_the_concurrency_limit_sheds_load_before_reading_bodies(
     gate.open()
     assert (await held).status_code == 200
     assert (await client.post("/embed", json={"input_text": "room again"})).status_code == 200
+
+
+async def test_a_trickling_body_gets_408_and_holds_no_concurrency_slot(
+    client_for: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
+    settings = make_settings(server={"max_concurrent_requests": 1, "body_timeout_s": 0.3})
+    client = await client_for(settings, FakeLoader())
+    arrived = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def slow_loris() -> AsyncIterator[bytes]:
+        yield b'{"input_text": "'
+        arrived.set()
+        await stop.wait()  # then nothing more, for as long as the server lets it hang
+        yield b'x"}'
+
+    trickling = asyncio.ensure_future(
+        client.post("/embed", content=slow_loris(), headers={"content-type": "application/json"})
+    )
+    await asyncio.wait_for(arrived.wait(), 5)
+    # The half-sent request holds no slot: others are served meanwhile.
+    assert (await client.post("/embed", json={"input_text": "served"})).status_code == 200
+    response = await asyncio.wait_for(trickling, 10)
+    stop.set()
+    assert response.status_code == 408
+    assert response.json()["error"] == (
+        "the request body did not arrive within 0.3 s (body_timeout_s)"
+    )
