@@ -19,7 +19,14 @@ import torch
 from clipserve.engine.core import EngineCore
 from clipserve.engine.encoder import TextOutcome, stack
 from clipserve.engine.registry import ModelHandle
-from clipserve.engine.tasks.embed import Content, Embedding, Encoded, image_refs, indexed
+from clipserve.engine.tasks.embed import (
+    Content,
+    Embedding,
+    Encoded,
+    image_refs,
+    indexed,
+    modalities_of,
+)
 from clipserve.errors import ClipServeError, InvalidInputError, quote
 from clipserve.media import ImageInput
 from clipserve.models.base import sigmoid_probabilities
@@ -99,8 +106,7 @@ class Retrieval:
         refs = image_refs(core, inputs, lambda i: "query" if i == 0 else f"documents[{i - 1}]")
         name = core.resolve_model(model)
         deadline = core.deadline()
-        modalities = tuple(dict.fromkeys(c.modality for c in inputs))
-        async with core.serving(name, modalities, deadline) as handle:
+        async with core.serving(name, modalities_of(inputs), deadline) as handle:
             outcomes = await self._embedding.encode(handle, inputs, refs, deadline=deadline)
         head, *rest = outcomes
         if isinstance(head, ClipServeError):
