@@ -6,22 +6,29 @@ executor. Pillow's global ``Image.MAX_IMAGE_PIXELS`` is never changed: our own l
 ``DecompressionBombWarning`` is silenced locally (our check always follows it) and its
 ``DecompressionBombError`` (above twice Pillow's limit, ~179 Mpx) becomes
 :class:`~clipserve.errors.MediaTooLargeError`; so ``max_image_pixels`` above ~179 Mpx has no effect.
+
+Before the header parse (for the formats whose parse already decodes or allocates a frame) and
+right after it, :mod:`clipserve.media.frames` checks the frames each accepted format will really
+decode, from the raw bytes. 16-bit, 32-bit and float frames are converted to 8 bits in blocks
+(:mod:`clipserve.media.convert`), never copied whole into an 8-byte type.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Final
 
-import numpy as np
-import numpy.typing as npt
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from clipserve.config import MediaSettings
 from clipserve.errors import InvalidImageError, MediaTooLargeError
+from clipserve.media.convert import image_to_uint8
+from clipserve.media.frames import check_decoded_blocks, check_embedded_frames
 
 # Raster formats with a real signature and no external helper program. EPS (runs Ghostscript),
 # PDF, SVG and signature-less formats (TGA, ...) are refused: random bytes must not "decode".
@@ -67,6 +74,14 @@ def decode_image(data: bytes, limits: MediaSettings) -> Image.Image:
     Raises :class:`MediaTooLargeError` over the byte or pixel limit (checked from the header, before
     decoding) and :class:`InvalidImageError` for anything that is not a complete, supported image.
     """
+    with open_image(data, limits) as image:
+        return finish_image(image)
+
+
+@contextlib.contextmanager
+def open_image(data: bytes, limits: MediaSettings) -> Iterator[ImageFile.ImageFile]:
+    """Parse only the header of untrusted bytes (no pixel is decoded yet) and check the byte and
+    pixel limits; :func:`finish_image` decodes it, inside this context."""
     if not data:
         raise InvalidImageError("image could not be decoded: the data is empty")
     if len(data) > limits.max_image_bytes:
@@ -75,12 +90,21 @@ def decode_image(data: bytes, limits: MediaSettings) -> Image.Image:
             f"{limits.max_image_bytes} bytes",
             detail={"num_bytes": len(data), "max_image_bytes": limits.max_image_bytes},
         )
+    check_embedded_frames(data, limits)
     with _open(data) as image:
         check_pixel_limit(image.width, image.height, limits)
-        _load(image)
-        rgb = to_rgb(_apply_orientation(image))
-        # Closing the file invalidates `image`; hand back an independent, fully loaded copy.
-        return image.copy() if rgb is image else rgb
+        yield image
+
+
+def finish_image(image: ImageFile.ImageFile, *, detach: bool = True) -> Image.Image:
+    """Decode an image from :func:`open_image` into an RGB image (EXIF orientation applied).
+
+    With ``detach`` it stays valid after the file is closed (closing invalidates an image that is
+    the file's own, so that one is copied); without, it may be the file's own, to be used inside
+    :func:`open_image`'s block only (no copy of the pixels)."""
+    _load(image)
+    rgb = to_rgb(_apply_orientation(image))
+    return image.copy() if detach and rgb is image else rgb
 
 
 def prepare_image(image: Image.Image, limits: MediaSettings) -> Image.Image:
@@ -107,7 +131,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I") or image.mode == "F":
         # Before transparency: Pillow's own I;16 → RGBA conversion clips. A tRNS key is ignored.
-        return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
+        return Image.fromarray(image_to_uint8(image)).convert("RGB")
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE)
@@ -121,32 +145,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         ) from exc
 
 
-def _to_uint8(pixels: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
-    if pixels.dtype.kind in "ui":
-        ints = pixels.astype(np.int64)
-        low, high = (int(ints.min()), int(ints.max())) if ints.size else (0, 0)
-        if pixels.dtype.itemsize == 2 or (low >= 0 and high <= 0xFFFF):
-            # 16-bit data: 0..65535 → 0..255, rounded (65535 / 257 == 255).
-            scaled: npt.NDArray[np.uint8] = ((np.clip(ints, 0, 0xFFFF) + 128) // 257).astype(
-                np.uint8
-            )
-            return scaled
-        return _stretch(ints.astype(np.float64), float(low), float(high))
-    values = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    flow, fhigh = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if flow >= 0.0 and fhigh <= 1.0:
-        return np.rint(values * 255.0).astype(np.uint8)
-    if flow >= 0.0 and fhigh <= 255.0:
-        return np.rint(values).astype(np.uint8)
-    return _stretch(values, flow, fhigh)
-
-
-def _stretch(values: npt.NDArray[np.float64], low: float, high: float) -> npt.NDArray[np.uint8]:
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def _open(data: bytes) -> ImageFile.ImageFile:
     """Identify the image and parse its header only (lazy)."""
     Image.init()
@@ -156,7 +154,7 @@ def _open(data: bytes) -> ImageFile.ImageFile:
             # Pillow warns above its own global limit; ours (checked from the header right after
             # this) is the one that counts, so the warning is silenced here, not turned global.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=formats)
+            image = Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaTooLargeError(
             f"image is too large: the decoder refused it as a possible decompression bomb ({exc})"
@@ -168,6 +166,12 @@ def _open(data: bytes) -> ImageFile.ImageFile:
         ) from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImageError(f"image could not be decoded: {_reason(exc)}") from exc
+    try:
+        check_decoded_blocks(image, data)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def _load(image: Image.Image) -> None:
@@ -199,3 +203,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, EOFError | struct.error | IndexError) or not text:
         return f"truncated or corrupt data ({type(exc).__name__}{': ' + text if text else ''})"
     return text
+
+
+# --- frames that can be larger than the header says -----------------------------------------------

@@ -3,7 +3,9 @@
 Only a URL's download is asynchronous I/O. Everything after it (a data URI's base64 decoding or a
 file read, the image decode, and the caller's ``transform``, such as a model's preprocessing) is
 one job on the executor, so an image costs one thread hand-off and its decoded pixels live only
-inside that job.
+inside that job. The job decodes only once the loader's :class:`~clipserve.media.budget.PixelBudget`
+(``max_decoded_pixels``) and the request's window (``max_request_decoded_pixels``) have room for
+the size its header declares.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import concurrent.futures
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
 from PIL import Image
 
 from clipserve.config import MediaSettings
-from clipserve.media.decode import decode_image, prepare_image
+from clipserve.media.budget import PixelBudget, PixelWindow, Reservation
+from clipserve.media.decode import finish_image, open_image, prepare_image
 from clipserve.media.fetch import UrlFetcher
 from clipserve.media.source import (
     ImageInput,
@@ -63,26 +68,37 @@ def _decode_job(
     value: ImageInput,
     settings: MediaSettings,
     transform: Callable[[Image.Image], Any] | None,
+    reserve: Callable[[], AbstractContextManager[Reservation]],
 ) -> _Decoded[Any]:
     """Read (a data URI, a file), decode and transform one image: the loader's one executor job.
-    For a URL, ``value`` is the body already downloaded."""
+    For a URL, ``value`` is the body already downloaded. The pixels are decoded only once the
+    header has been read and its ``width * height`` taken from the reservation, and are freed
+    before it ends (only ``transform``'s result, such as a tensor, outlives the job)."""
     started = time.perf_counter()
     read_seconds = 0.0
-    if isinstance(value, Image.Image):
-        image, num_bytes = prepare_image(value, settings), 0
-    else:
-        if not isinstance(value, str):
-            data = bytes(value)  # bytes given, or a URL's body
-        elif kind is SourceKind.DATA_URI:
-            _, data = parse_data_uri(value, max_bytes=settings.max_image_bytes)
+    with reserve() as reservation:
+        if isinstance(value, Image.Image):
+            num_bytes = 0
+            reservation.take(value.width * value.height)
+            image = prepare_image(value, settings)
+            result = image if transform is None else transform(image)
         else:
-            data = read_local_image(value, settings)
-        if kind in (SourceKind.DATA_URI, SourceKind.PATH):
-            read_seconds = time.perf_counter() - started
-        num_bytes = len(data)
-        image = decode_image(data, settings)
-        del data  # the encoded bytes are not needed past the decode
-    result = image if transform is None else transform(image)
+            if not isinstance(value, str):
+                data = bytes(value)  # bytes given, or a URL's body
+            elif kind is SourceKind.DATA_URI:
+                _, data = parse_data_uri(value, max_bytes=settings.max_image_bytes)
+            else:
+                data = read_local_image(value, settings)
+            if kind in (SourceKind.DATA_URI, SourceKind.PATH):
+                read_seconds = time.perf_counter() - started
+            num_bytes = len(data)
+            with open_image(data, settings) as header:
+                reservation.take(header.width * header.height)
+                # Transformed before the file closes, so the decoded image need not be copied.
+                image = finish_image(header, detach=transform is None)
+                del data  # the encoded bytes are not needed past the decode
+                result = image if transform is None else transform(image)
+        del image
     return _Decoded(result, num_bytes, read_seconds, time.perf_counter() - started - read_seconds)
 
 
@@ -104,6 +120,12 @@ class ImageLoader:
         )
         self._owns_fetcher = fetcher is None
         self._fetcher = fetcher or UrlFetcher(settings)
+        self.pixels = PixelBudget(settings.max_decoded_pixels)
+        """Decoded pixels held at once by every job of this loader."""
+
+    def window(self) -> PixelWindow:
+        """A new request window's share of the pixel budget (``max_request_decoded_pixels``)."""
+        return PixelWindow(self._settings.max_request_decoded_pixels)
 
     async def __aenter__(self) -> Self:
         return self
@@ -124,18 +146,38 @@ class ImageLoader:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     @overload
-    async def load(self, value: ImageInput) -> LoadedImage[Image.Image]: ...
+    async def load(
+        self,
+        value: ImageInput,
+        *,
+        window: PixelWindow | None = None,
+        timeout: float | None = None,
+    ) -> LoadedImage[Image.Image]: ...
     @overload
     async def load(
-        self, value: ImageInput, transform: Callable[[Image.Image], T]
+        self,
+        value: ImageInput,
+        transform: Callable[[Image.Image], T],
+        *,
+        window: PixelWindow | None = None,
+        timeout: float | None = None,
     ) -> LoadedImage[T]: ...
 
     async def load(
-        self, value: ImageInput, transform: Callable[[Image.Image], Any] | None = None
+        self,
+        value: ImageInput,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        window: PixelWindow | None = None,
+        timeout: float | None = None,
     ) -> LoadedImage[Any]:
         """Fetch or read, decode and (optionally) ``transform`` ``value``; bad input raises a
-        ``MediaError`` subclass (``transform``'s own errors propagate)."""
+        ``MediaError`` subclass (``transform``'s own errors propagate).
+
+        The decode holds its pixels of the loader's budget and of ``window`` (a request's share,
+        from :meth:`window`), waiting up to ``timeout`` seconds for room."""
         kind = classify(value)
+        until = None if timeout is None else time.monotonic() + timeout
         started = time.perf_counter()
         fetch_seconds = 0.0
         if kind is SourceKind.URL and isinstance(value, str):
@@ -143,7 +185,13 @@ class ImageLoader:
             fetch_seconds = time.perf_counter() - started
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(
-            self._executor, _decode_job, kind, value, self._settings, transform
+            self._executor,
+            _decode_job,
+            kind,
+            value,
+            self._settings,
+            transform,
+            partial(self.pixels.reserve, window, until=until),
         )
         return LoadedImage(
             image=decoded.image,

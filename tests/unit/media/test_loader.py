@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
+import io
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -222,3 +224,39 @@ async def test_owned_executor_is_sized_from_settings(jpeg: bytes) -> None:
         await loader.aclose()
     with pytest.raises(RuntimeError):
         owned.submit(lambda: None)
+
+
+async def test_decoded_pixels_held_at_once_stay_within_the_process_and_request_budgets() -> None:
+    """Forty small files that each decode to 4 Mpx: never more than the budgets decoded at once
+    (the transform runs while the pixels are held, and sees the counts)."""
+    side = 2000
+    files = []
+    for i in range(40):
+        buffer = io.BytesIO()
+        Image.new("RGB", (side, side), (i, 2 * i, 3 * i)).save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    assert max(len(f) for f in files) < 100_000  # small files, big images
+    settings = MediaSettings(
+        max_decoded_pixels=3 * side * side, max_request_decoded_pixels=2 * side * side
+    )
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+    held: list[tuple[int, int]] = []
+    async with ImageLoader(settings, executor=executor) as loader:
+        windows = [loader.window(), loader.window()]
+
+        def transform(image: Image.Image) -> tuple[int, int]:
+            held.append((loader.pixels.used, max(w.used for w in windows)))
+            return image.size
+
+        loaded = await asyncio.gather(
+            *(
+                loader.load(data, transform, window=windows[i % 2], timeout=30.0)
+                for i, data in enumerate(files)
+            )
+        )
+    executor.shutdown()
+    assert [item.image for item in loaded] == [(side, side)] * 40
+    assert max(process for process, _ in held) <= 3 * side * side
+    assert max(request for _, request in held) <= 2 * side * side
+    assert loader.pixels.peak <= 3 * side * side
+    assert loader.pixels.used == 0
