@@ -54,6 +54,16 @@ class MediaSettings(BaseModel):
 
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=50_000_000, gt=0)
+    max_decoded_pixels: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="decoded pixels held at once by the whole process (images wait for room)",
+    )
+    max_request_decoded_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        description="decoded pixels held at once by one request's window",
+    )
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="whole download, per attempt")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     fetch_retries: int = Field(
@@ -198,6 +208,13 @@ class BatchingSettings(BaseModel):
         description="batches in flight per device; default 1 on CPU, 2 on CUDA (overlap)",
     )
     max_queue_size: int = Field(default=1000, ge=1, description="items waiting per queue")
+    client_queue_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="most of a queue one client (API key or address) may fill; its requests' "
+        "windows are capped to it",
+    )
     request_timeout: float = Field(
         default=300.0, gt=0, description="seconds a request may take before it is answered 504"
     )

@@ -30,7 +30,15 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_caller(request: Request) -> str | None:
+    """Who is asking (``key:<name>`` or ``ip:<address>``, from :class:`AccessMiddleware`), whose
+    share of each queue a request counts against; None on paths it does not guard."""
+    caller: str | None = getattr(request.state, "caller", None)
+    return caller
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
+CallerDep = Annotated[str | None, Depends(get_caller)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 InputsDep = Annotated[InputBudget, Depends(input_budget)]

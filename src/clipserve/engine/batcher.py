@@ -31,7 +31,9 @@ then it is dropped before inference. On every path:
 * a collector that dies has its done-callback fail the items it held and the queued ones, and a
   new collector starts (after the next arrival, so a deterministic bug cannot spin);
 * queues are bounded: callers are refused (:class:`~clipserve.errors.QueueFullError`, with a
-  drain-rate estimate for ``Retry-After``) or wait for room until their deadline;
+  drain-rate estimate for ``Retry-After``) or wait for room until their deadline; and one client
+  (an API key, an address) may fill at most ``client_queue_share`` of a queue, so a greedy client
+  meets its own limit while everyone else still finds room;
 * ``close`` drains until its deadline, then cancels what runs and fails what is left (503).
 
 Every task a queue starts is kept (collectors, batches), has a done-callback, and is cancelled and
@@ -43,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -83,6 +85,15 @@ FAILING_AFTER = 3
 """Consecutive failed inputs (each isolated by splitting) after which a queue reports failing."""
 
 
+LOCAL_CLIENT = "local"
+"""The client of work submitted in-process (the CLI, the Python API)."""
+
+
+def client_share(settings: BatchingSettings) -> int:
+    """Items of one queue one client may hold: ``client_queue_share`` of ``max_queue_size``."""
+    return max(1, int(settings.max_queue_size * settings.client_queue_share))
+
+
 def deadline_error(settings: BatchingSettings) -> InferenceTimeoutError:
     """What an input whose request's deadline passed is answered (504)."""
     limit = settings.request_timeout
@@ -98,6 +109,7 @@ class _Item(Generic[P, R]):
     future: asyncio.Future[R]
     enqueued_at: float
     deadline: float
+    client: str
     timer: asyncio.TimerHandle | None = None
     """Answers the item 504 at its deadline, whatever the collectors are doing."""
 
@@ -155,12 +167,14 @@ class BatchQueue(Generic[P, R]):
         self.model, self.modality, self.device = model, modality, slots.device
         self.max_batch_size = settings.max_batch_size
         self.max_queue_size = settings.max_queue_size
+        self.client_share = client_share(settings)
         self._run, self._prepare, self._probe = run, prepare, probe
         self._release_memory = release_memory or partial(release_device_memory, slots.device)
         self._device_executor, self._cpu_executor = device_executor, cpu_executor
         self._slots = slots
         self.settings = settings
         self._items: deque[_Item[P, R]] = deque()
+        self._by_client: Counter[str] = Counter()
         self._arrived = Signal()
         self._room = Signal()
         self._idle = Signal()
@@ -244,38 +258,65 @@ class BatchQueue(Generic[P, R]):
         if self._closing:
             raise EngineNotReadyError("the server is shutting down and accepts no new work")
 
-    async def admit(self, overflow: OverflowAction, deadline: float) -> None:
-        """Admission control for a new request: refuse it (or wait) while this queue is full."""
+    def _has_room(self, client: str) -> bool:
+        return (
+            len(self._items) < self.max_queue_size and self._by_client[client] < self.client_share
+        )
+
+    async def admit(
+        self, overflow: OverflowAction, deadline: float, client: str = LOCAL_CLIENT
+    ) -> None:
+        """Admission control for a new request: refuse it (or wait) while this queue is full, or
+        while ``client`` already fills its share of it."""
         self._refuse_if_closing()
-        if len(self._items) < self.max_queue_size:
+        if self._has_room(client):
             return
         if overflow == "reject":
             self._m_requests.labels(self.model, self.modality, "rejected").inc()
+            if len(self._items) >= self.max_queue_size:
+                raise QueueFullError(
+                    f"the server is overloaded: the {self.modality} queue of model "
+                    f"'{self.model}' holds {len(self._items)} items (max_queue_size "
+                    f"{self.max_queue_size}); retry later",
+                    retry_after_s=self.retry_after_s(),
+                )
             raise QueueFullError(
-                f"the server is overloaded: the {self.modality} queue of model '{self.model}' "
-                f"holds {len(self._items)} items (max_queue_size {self.max_queue_size}); "
-                "retry later",
+                f"too many requests from this client: it holds {self._by_client[client]} items "
+                f"of the {self.modality} queue of model '{self.model}', its share "
+                f"(client_queue_share of max_queue_size {self.max_queue_size}); retry later",
                 retry_after_s=self.retry_after_s(),
             )
-        await self._wait_until(lambda: len(self._items) < self.max_queue_size, deadline)
+        await self._wait_until(lambda: self._has_room(client), deadline)
 
-    async def submit(self, payloads: Sequence[P], *, deadline: float) -> list[asyncio.Future[R]]:
+    async def submit(
+        self, payloads: Sequence[P], *, deadline: float, client: str = LOCAL_CLIENT
+    ) -> list[asyncio.Future[R]]:
         """Queue items, waiting (until ``deadline``) for room; each future resolves to a result.
 
-        Room means the queue stays within ``max_queue_size``, or is empty (so a submission larger
-        than the whole queue still runs, alone)."""
+        Room means the queue stays within ``max_queue_size`` and ``client`` within its share
+        (``client_share`` items), or they hold nothing yet (so a submission larger than either
+        still runs, alone)."""
         n = len(payloads)
         if n == 0:
             return []
-        await self._wait_until(
-            lambda: not self._items or len(self._items) + n <= self.max_queue_size, deadline
-        )
+        by_client = self._by_client
+
+        def room() -> bool:
+            queue_ok = not self._items or len(self._items) + n <= self.max_queue_size
+            return queue_ok and (
+                not by_client[client] or by_client[client] + n <= self.client_share
+            )
+
+        await self._wait_until(room, deadline)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items: list[_Item[P, R]] = [_Item(p, loop.create_future(), now, deadline) for p in payloads]
+        items: list[_Item[P, R]] = [
+            _Item(p, loop.create_future(), now, deadline, client) for p in payloads
+        ]
         for item in items:
             item.timer = loop.call_at(deadline, self._expire, item)
         self._items.extend(items)
+        by_client[client] += n
         self._m_queue.set(len(self._items))
         self._arrived.fire()
         return [item.future for item in items]
@@ -339,12 +380,21 @@ class BatchQueue(Generic[P, R]):
         batch: list[_Item[P, R]] = []
         self._taken = batch
         while self._items and len(batch) < self.max_batch_size:
-            item = self._items.popleft()
+            item = self._popleft()
             if self._is_live(item, now):
                 batch.append(item)
         self._m_queue.set(len(self._items))
         self._room.fire()
         return batch
+
+    def _popleft(self) -> _Item[P, R]:
+        item = self._items.popleft()
+        left = self._by_client[item.client] - 1
+        if left:
+            self._by_client[item.client] = left
+        else:
+            del self._by_client[item.client]  # no entry per client ever seen
+        return item
 
     def _launch(self, batch: list[_Item[P, R]]) -> None:
         """Run ``batch`` on a task that owns the slot just taken (its done-callback frees it)."""
@@ -573,7 +623,7 @@ class BatchQueue(Generic[P, R]):
 
     def _fail_queued(self, error: ClipServeError) -> None:
         while self._items:
-            self._settle(self._items.popleft(), error=error)
+            self._settle(self._popleft(), error=error)
         self._m_queue.set(0)
         self._room.fire()
 

@@ -22,8 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from clipserve.config import Settings
-from clipserve.engine.batcher import FAILING_AFTER, Batcher, deadline_error
-from clipserve.engine.encoder import Encoder
+from clipserve.engine.batcher import (
+    FAILING_AFTER,
+    LOCAL_CLIENT,
+    Batcher,
+    client_share,
+    deadline_error,
+)
+from clipserve.engine.encoder import Encoder, Scope
 from clipserve.engine.executor import Executors, cpu_workers
 from clipserve.engine.registry import BackendLoader, ModelHandle, ModelRegistry, ModelState
 from clipserve.errors import (
@@ -167,25 +173,29 @@ class EngineCore:
 
     # --- deadlines, leases, limits -------------------------------------------------------------
 
-    def deadline(self) -> float:
-        """A new request's deadline on the event loop's clock."""
-        return asyncio.get_running_loop().time() + self.settings.batching.request_timeout
-
-    def window(self, window: int | None) -> int:
-        """A request's inputs in flight at once (default: two of the batcher's batches)."""
-        return window or prefetch_window(self.settings.batching.max_batch_size)
+    def scope(self, window: int | None = None, client: str | None = None) -> Scope:
+        """A new request's bounds: its deadline (``request_timeout`` from now), its inputs in
+        flight at once (default: two of the batcher's batches; never above the client's share of
+        a queue), its client and its window of decoded pixels."""
+        batching = self.settings.batching
+        return Scope(
+            deadline=asyncio.get_running_loop().time() + batching.request_timeout,
+            window=min(window or prefetch_window(batching.max_batch_size), client_share(batching)),
+            client=client or LOCAL_CLIENT,
+            pixels=self.images.window(),
+        )
 
     @contextlib.asynccontextmanager
     async def serving(
-        self, name: str, modalities: Sequence[Modality], deadline: float
+        self, name: str, modalities: Sequence[Modality], scope: Scope
     ) -> AsyncIterator[ModelHandle]:
         """Lease, modality check and admission for one request on one model, bounded by the
         deadline. The work inside bounds itself per input (the encoder answers each input that
         misses the deadline with its own 504), so the results that are ready are kept."""
         try:
-            async with self.registry.use(name, deadline=deadline) as handle:
+            async with self.registry.use(name, deadline=scope.deadline) as handle:
                 self._require(handle, modalities)
-                await self.encoder.admit(handle, modalities, deadline)
+                await self.encoder.admit(handle, modalities, scope)
                 yield handle
         except TimeoutError:
             raise deadline_error(self.settings.batching) from None

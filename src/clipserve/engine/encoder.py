@@ -36,6 +36,7 @@ from clipserve.errors import (
     InvalidInputError,
 )
 from clipserve.media import ImageInput, ImageLoader
+from clipserve.media.budget import PixelWindow
 from clipserve.models.base import Modality, TokenizedTexts
 from clipserve.observability.metrics import Metrics
 
@@ -54,6 +55,19 @@ class TextOutcome:
     embedding: torch.Tensor
     truncated: bool
     token_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One request's bounds, for everything it sends through the encoder: its ``deadline`` (on the
+    event loop's clock), its inputs in flight at once (``window``, never above the client's share
+    of a queue), its ``client`` (whose share of each queue it counts against) and its window of
+    decoded pixels."""
+
+    deadline: float
+    window: int
+    client: str
+    pixels: PixelWindow
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,18 +181,16 @@ class Encoder:
         )
 
     async def admit(
-        self, handle: ModelHandle, modalities: Iterable[Modality], deadline: float
+        self, handle: ModelHandle, modalities: Iterable[Modality], scope: Scope
     ) -> None:
         """Refuse (429) or hold a new request while a queue it needs is full."""
         overflow = self._settings.batching.queue_overflow_action
         for modality in dict.fromkeys(modalities):
-            await handle.queues[modality].admit(overflow, deadline)
+            await handle.queues[modality].admit(overflow, scope.deadline, scope.client)
 
     # --- texts ---------------------------------------------------------------------------------
 
-    async def texts(
-        self, handle: ModelHandle, values: Sequence[str], *, deadline: float, window: int
-    ) -> TextOutcomes:
+    async def texts(self, handle: ModelHandle, values: Sequence[str], scope: Scope) -> TextOutcomes:
         """Encode each distinct text: its outcome, or its error."""
         limit = self._settings.server.max_prompt_chars
         out: TextOutcomes = {}
@@ -195,7 +207,7 @@ class Encoder:
 
         if todo:
             queue = handle.queues["text"]
-            out.update(await _through(queue, todo, as_payload, deadline=deadline, window=window))
+            out.update(await _through(queue, todo, as_payload, scope))
         return out
 
     # --- images --------------------------------------------------------------------------------
@@ -204,9 +216,8 @@ class Encoder:
         self,
         handle: ModelHandle,
         refs: Sequence[ImageRef],
+        scope: Scope,
         *,
-        deadline: float,
-        window: int,
         on_done: Callable[[str], None] | None = None,
     ) -> ImageOutcomes:
         """Fetch, decode, preprocess and encode each distinct image: its embedding or error."""
@@ -216,7 +227,12 @@ class Encoder:
 
         async def prepare(value: ImageInput) -> torch.Tensor:
             started = time.perf_counter()
-            loaded = await self._images.load(value, handle.backend.preprocess)
+            loaded = await self._images.load(
+                value,
+                handle.backend.preprocess,
+                window=scope.pixels,
+                timeout=scope.deadline - asyncio.get_running_loop().time(),
+            )
             self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
                 time.perf_counter() - started
             )
@@ -226,8 +242,7 @@ class Encoder:
             handle.queues["image"],
             unique,
             prepare,
-            deadline=deadline,
-            window=window,
+            scope,
             on_done=on_done,
         )
 
@@ -243,21 +258,21 @@ async def _through(
     queue: BatchQueue[Any, V],
     inputs: Mapping[str, K],
     prepare: Callable[[K], Awaitable[Any]],
+    scope: Scope,
     *,
-    deadline: float,
-    window: int,
     on_done: Callable[[str], None] | None = None,
 ) -> dict[str, V | ClipServeError]:
-    """Prepare each input and put it through ``queue``, at most ``window`` at a time, each under
-    the request's deadline; returns each key's result or error."""
-    slots = asyncio.Semaphore(max(1, window))
+    """Prepare each input and put it through ``queue``, at most ``scope.window`` at a time, each
+    under the request's deadline; returns each key's result or error."""
+    deadline = scope.deadline
+    slots = asyncio.Semaphore(max(1, scope.window))
     out: dict[str, V | ClipServeError] = {}
 
     async def one(key: str, value: K) -> None:
         try:
             async with asyncio.timeout_at(deadline), slots:
                 payload = await prepare(value)
-                (future,) = await queue.submit([payload], deadline=deadline)
+                (future,) = await queue.submit([payload], deadline=deadline, client=scope.client)
                 out[key] = await future
         except TimeoutError:
             out[key] = deadline_error(queue.settings)

@@ -37,13 +37,17 @@ class Engine(EngineCore):
         *,
         window: int | None = None,
         progress: ProgressCallback | None = None,
+        client: str | None = None,
     ) -> list[EvalResult]:
-        """Score pairs; results in input order, a failing pair carries its error."""
-        return await self._evaluation.run(items, window=window, progress=progress)
+        """Score pairs; results in input order, a failing pair carries its error.
 
-    async def evaluate_one(self, item: EvalItem) -> EvalResult:
+        ``client`` (on every method): who asked, an API key or an address, whose share of each
+        queue the request counts against (default: the in-process client)."""
+        return await self._evaluation.run(items, window=window, progress=progress, client=client)
+
+    async def evaluate_one(self, item: EvalItem, *, client: str | None = None) -> EvalResult:
         """Score one pair; raises its error instead of returning it."""
-        return await self._evaluation.one(item)
+        return await self._evaluation.one(item, client=client)
 
     async def embed(
         self,
@@ -53,10 +57,11 @@ class Engine(EngineCore):
         window: int | None = None,
         where: Where | None = None,
         dimensions: int | None = None,
+        client: str | None = None,
     ) -> Embeddings:
         """L2-normalised embeddings in input order; raises the first failing input's error."""
         return await self._embedding.run(
-            model, inputs, window=window, where=where, dimensions=dimensions
+            model, inputs, window=window, where=where, dimensions=dimensions, client=client
         )
 
     async def embed_texts(
@@ -72,10 +77,15 @@ class Engine(EngineCore):
         return embedded.vectors
 
     async def rank(
-        self, model: str | None, query: Content, documents: Sequence[Content]
+        self,
+        model: str | None,
+        query: Content,
+        documents: Sequence[Content],
+        *,
+        client: str | None = None,
     ) -> Ranking:
         """Documents by cosine similarity to the query; failed documents last, with errors."""
-        return await self.retrieval.rank(model, query, documents)
+        return await self.retrieval.rank(model, query, documents, client=client)
 
     async def classify(
         self,
@@ -83,7 +93,9 @@ class Engine(EngineCore):
         images: Sequence[ImageInput],
         labels: Sequence[str],
         template: str = "a photo of a {}",
+        *,
+        client: str | None = None,
     ) -> list[Classification]:
         """Per image, labels by probability (softmax for CLIP, sigmoid for SigLIP), or its
         error."""
-        return await self.retrieval.classify(model, images, labels, template)
+        return await self.retrieval.classify(model, images, labels, template, client=client)

@@ -554,3 +554,58 @@ async def _exactly_one_answer(
             ), answer
     succeeded = {p for p, a in answers if isinstance(a, int)}
     assert succeeded <= set(model.seen())  # a result always comes from a real forward pass
+
+
+async def test_one_client_fills_only_its_share_and_others_still_find_room(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+) -> None:
+    queue, model = make_queue(max_batch_size=1, max_queue_size=8, client_queue_share=0.5)
+    assert queue.client_share == 4
+    model.hold()
+    busy = await queue.submit([0], deadline=deadline(), client="greedy")
+    await asyncio.wait_for(model.started.wait(), WAIT)
+    greedy = [await queue.submit([i], deadline=deadline(), client="greedy") for i in range(1, 5)]
+    with pytest.raises(QueueFullError, match="too many requests from this client") as caught:
+        await queue.admit("reject", deadline(), "greedy")
+    assert "4 items" in caught.value.message
+    assert caught.value.retry_after_s >= 1.0
+    await queue.admit("reject", deadline(), "polite")  # the queue itself still has room
+    polite = await queue.submit([9], deadline=deadline(), client="polite")
+    with pytest.raises(InferenceTimeoutError, match="waiting for room"):  # over its share
+        await queue.submit([5], deadline=deadline(0.02), client="greedy")
+    model.release()
+    assert await results([*busy, *(f for fs in greedy for f in fs), *polite]) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+        18,
+    ]
+    await queue.admit("reject", deadline(), "greedy")  # its items ran: room again
+    assert not queue._by_client  # no entry is kept per client once its items have left
+
+
+async def test_a_client_over_its_share_waits_for_its_own_items_when_overflow_waits(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+) -> None:
+    queue, model = make_queue(max_batch_size=1, max_queue_size=4, client_queue_share=0.25)
+    model.hold()
+    busy = await queue.submit([0], deadline=deadline(), client="a")
+    await asyncio.wait_for(model.started.wait(), WAIT)
+    queued = await queue.submit([1], deadline=deadline(), client="a")
+    admitted = asyncio.ensure_future(queue.admit("wait", deadline(), "a"))
+    others = await queue.submit([2], deadline=deadline(), client="b")  # b is not held back
+    await asyncio.sleep(0)
+    assert not admitted.done()
+    model.release()
+    await asyncio.wait_for(admitted, WAIT)
+    assert await results([*busy, *queued, *others]) == [0, 2, 4]
+
+
+async def test_a_submission_larger_than_the_share_runs_alone(
+    make_queue: Callable[..., tuple[BatchQueue[int, int], FakeModel]],
+) -> None:
+    queue, model = make_queue(max_batch_size=2, max_queue_size=4, client_queue_share=0.25)
+    futures = await queue.submit([1, 2, 3], deadline=deadline(), client="a")
+    assert await results(futures) == [2, 4, 6]

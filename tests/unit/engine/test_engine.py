@@ -491,3 +491,34 @@ async def test_a_model_unloaded_by_a_reload_loses_all_its_metric_series(
     await engine.registry.reload()
     assert await engine.registry.drain(10)
     assert families() == set()
+
+
+async def test_one_client_cannot_fill_the_queue_for_everyone_else(
+    make_settings: Callable[..., Settings], engine_for: Callable[..., Engine]
+) -> None:
+    """A greedy client's requests fill at most its share of a queue (then it, and only it, gets
+    429); its big request is windowed to the share instead of being refused."""
+    gate = DeviceGate()
+    settings = make_settings(
+        batching={"max_queue_size": 8, "max_batch_size": 1, "client_queue_share": 0.5}
+    )
+    engine = engine_for(settings, FakeLoader(before_forward=gate))
+    await engine.embed_texts("fast", ["load the model"])
+    assert engine.scope(window=100, client="greedy").window == 4  # capped to the share
+    gate.close()
+    running = asyncio.ensure_future(engine.embed(None, [Content.text("running")], client="a"))
+    await gate.entered()
+    big = asyncio.ensure_future(
+        engine.embed(
+            "fast", [Content.text(f"big {i}") for i in range(12)], window=100, client="greedy"
+        )
+    )
+    await until(lambda: engine.batcher.stats().queue_size == 4, "the greedy window queued")
+    with pytest.raises(QueueFullError, match="too many requests from this client"):
+        await engine.embed("fast", [Content.text("one more")], client="greedy")
+    polite = asyncio.ensure_future(engine.embed(None, [Content.text("polite")], client="b"))
+    await until(lambda: engine.batcher.stats().queue_size == 5, "the polite item queued")
+    gate.open()
+    assert (await big).vectors.shape == (12, 16)
+    assert (await polite).vectors.shape == (1, 16)
+    assert (await running).vectors.shape == (1, 16)

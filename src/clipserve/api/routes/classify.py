@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
+from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.inputs import ImageItem
 from clipserve.api.schemas.retrieval import (
     Classification,
@@ -39,12 +39,13 @@ _MULTIPART = multipart_body(
 
 async def _classify(
     engine: EngineDep,
+    caller: str | None,
     model: str | None,
     images: list[ImageInput],
     labels: list[str],
     template: str,
 ) -> ClassifyResponse:
-    rows = await engine.classify(model, images, labels, template)
+    rows = await engine.classify(model, images, labels, template, client=caller)
     return ClassifyResponse(
         model=engine.resolve_model(model),
         data=[
@@ -65,7 +66,9 @@ async def _classify(
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_MULTIPART)
-async def classify(body: ClassifyRequest, engine: EngineDep, inputs: InputsDep) -> ClassifyResponse:
+async def classify(
+    body: ClassifyRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
+) -> ClassifyResponse:
     """Per image, each label's cosine score and probability (softmax over logit_scale*cos across
     the labels for CLIP, an independent sigmoid for SigLIP), most probable first; an image that
     fails carries its `error`. Label prompts (template with the label in place of `{}`) are cached
@@ -75,7 +78,7 @@ async def classify(body: ClassifyRequest, engine: EngineDep, inputs: InputsDep) 
         raise InvalidInputError("input must hold at least one image")
     await inputs(len(items), "images")
     images: list[ImageInput] = [i.reference if isinstance(i, ImageItem) else i for i in items]
-    return await _classify(engine, body.model, images, body.labels, body.template)
+    return await _classify(engine, caller, body.model, images, body.labels, body.template)
 
 
 def _labels(values: list[str]) -> list[str]:
@@ -96,6 +99,7 @@ async def classify_uploads(
     files: Annotated[list[UploadFile], File()],
     labels: Annotated[list[str], Form()],
     engine: EngineDep,
+    caller: CallerDep,
     settings: SettingsDep,
     inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
@@ -104,4 +108,4 @@ async def classify_uploads(
     parsed = _labels(labels)
     await inputs(len(files), "images")
     images: list[ImageInput] = list(await read_uploads(files, settings.media))
-    return await _classify(engine, model, images, parsed, template)
+    return await _classify(engine, caller, model, images, parsed, template)

@@ -8,7 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
+from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.errors import OpenAIRoute
 from clipserve.api.schemas.embeddings import (
     EmbeddingData,
@@ -64,17 +64,23 @@ def _contents(body: EmbeddingsRequest) -> list[Content]:
 
 @router.post("/embed", response_model=EmbedResponse)
 async def embed(
-    body: EmbedRequest, engine: EngineDep, settings: SettingsDep, inputs: InputsDep
+    body: EmbedRequest,
+    engine: EngineDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+    inputs: InputsDep,
 ) -> EmbedResponse:
     """Embed one text with the default text model (setting `default_text_model`)."""
     await inputs(1, "inputs")
-    embedded = await engine.embed(settings.text_model, [Content.text(body.input_text)])
+    embedded = await engine.embed(
+        settings.text_model, [Content.text(body.input_text)], client=caller
+    )
     return EmbedResponse(embedding=embedded.vectors[0].tolist(), model=embedded.model)
 
 
 @openai_router.post("/v1/embeddings", response_model=EmbeddingsResponse)
 async def create_embeddings(
-    body: EmbeddingsRequest, engine: EngineDep, inputs: InputsDep
+    body: EmbeddingsRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
 ) -> EmbeddingsResponse:
     """OpenAI-compatible embeddings of texts and images (errors in OpenAI's shape).
 
@@ -82,7 +88,7 @@ async def create_embeddings(
     `{"type": "image_url", "image_url": {"url": ...}}` items (texts and images may be mixed)."""
     contents = _contents(body)
     await inputs(len(contents), "inputs")
-    embedded = await engine.embed(body.model, contents, dimensions=body.dimensions)
+    embedded = await engine.embed(body.model, contents, dimensions=body.dimensions, client=caller)
     return _response(embedded, body.encoding_format)
 
 
@@ -90,6 +96,7 @@ async def create_embeddings(
 async def embed_uploaded_images(
     files: Annotated[list[UploadFile], File(description="One or more image files.")],
     engine: EngineDep,
+    caller: CallerDep,
     settings: SettingsDep,
     inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
@@ -100,6 +107,9 @@ async def embed_uploaded_images(
     await inputs(len(files), "files")
     images = await read_uploads(files, settings.media)
     embedded = await engine.embed(
-        model, [Content.image(data) for data in images], where=lambda i: f"files[{i}]"
+        model,
+        [Content.image(data) for data in images],
+        where=lambda i: f"files[{i}]",
+        client=caller,
     )
     return _response(embedded, encoding_format)

@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter
 
-from clipserve.api.deps import EngineDep, InputsDep, MetricsDep
+from clipserve.api.deps import CallerDep, EngineDep, InputsDep, MetricsDep
 from clipserve.api.schemas.evaluation import (
     BatchEvaluationRequest,
     BatchEvaluationResponse,
@@ -47,15 +47,21 @@ def _item(request: EvaluationRequest) -> EvalItem:
 
 
 @router.post("/single", response_model=EvaluationResponse)
-async def evaluate_single(body: EvaluationRequest, engine: EngineDep) -> EvaluationResponse:
+async def evaluate_single(
+    body: EvaluationRequest, engine: EngineDep, caller: CallerDep
+) -> EvaluationResponse:
     """Score one image-text pair. Errors answer with their 4xx/5xx status and `{error, detail}`."""
-    result = await engine.evaluate_one(_item(body))
+    result = await engine.evaluate_one(_item(body), client=caller)
     return _response(body, result, engine.settings.server.max_prompt_chars)
 
 
 @router.post("/batch", response_model=BatchEvaluationResponse)
 async def evaluate_batch(
-    body: BatchEvaluationRequest, engine: EngineDep, inputs: InputsDep, metrics: MetricsDep
+    body: BatchEvaluationRequest,
+    engine: EngineDep,
+    caller: CallerDep,
+    inputs: InputsDep,
+    metrics: MetricsDep,
 ) -> BatchEvaluationResponse:
     """Score many pairs through the batcher (`batch_size` sets how far ahead they are prepared). A
     failing item (an empty or bad image, an empty prompt, an unknown model...) gets
@@ -73,6 +79,7 @@ async def evaluate_batch(
         [_item(e) for e in body.evaluations],
         window=prefetch_window(body.batch_size),
         progress=progress if body.show_progress else None,
+        client=caller,
     )
     elapsed = time.perf_counter() - started
     limit = engine.settings.server.max_prompt_chars

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from clipserve.api.deps import EngineDep, InputsDep, SettingsDep
+from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.embeddings import Usage
 from clipserve.api.schemas.inputs import to_content
 from clipserve.api.schemas.retrieval import RankRequest, RankResponse, RankResult
@@ -52,13 +52,14 @@ def _echo(content: Content) -> str | None:
 
 async def _rank(
     engine: EngineDep,
+    caller: str | None,
     model: str | None,
     query: Content,
     documents: list[Content],
     top_n: int | None,
     return_documents: bool,
 ) -> RankResponse:
-    ranking = await engine.rank(model, query, documents)
+    ranking = await engine.rank(model, query, documents, client=caller)
     ranked = [r for r in ranking.results if r.error is None][:top_n]
     failed = [r for r in ranking.results if r.error is not None]
     results = [
@@ -79,13 +80,16 @@ async def _rank(
 
 
 @router.post("/v1/rank", response_model=RankResponse, openapi_extra=_MULTIPART)
-async def rank(body: RankRequest, engine: EngineDep, inputs: InputsDep) -> RankResponse:
+async def rank(
+    body: RankRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
+) -> RankResponse:
     """Rank documents by cosine similarity to the query; texts and images in any combination. A
     document that fails (bad image, empty text) is listed last with its `error`. Also accepts
     multipart/form-data: `query` or `query_file`, and `documents` or `files`."""
     await inputs(len(body.documents), "documents")
     return await _rank(
         engine,
+        caller,
         body.model,
         to_content(body.query, body.query_modality),
         [to_content(d, body.documents_modality) for d in body.documents],
@@ -97,6 +101,7 @@ async def rank(body: RankRequest, engine: EngineDep, inputs: InputsDep) -> RankR
 @upload_router.post("/v1/rank", response_model=RankResponse, include_in_schema=False)
 async def rank_uploads(
     engine: EngineDep,
+    caller: CallerDep,
     settings: SettingsDep,
     inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
@@ -122,4 +127,4 @@ async def rank_uploads(
         contents = [Content.text(d) for d in documents]
     else:
         contents = [Content.image(b) for b in await read_uploads(files or [], settings.media)]
-    return await _rank(engine, model, query_content, contents, top_n, return_documents)
+    return await _rank(engine, caller, model, query_content, contents, top_n, return_documents)

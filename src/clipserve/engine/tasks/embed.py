@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from clipserve.engine.core import EngineCore
-from clipserve.engine.encoder import ImageOutcomes, ImageRef, TextOutcomes, image_ref, stack
+from clipserve.engine.encoder import (
+    ImageOutcomes,
+    ImageRef,
+    Scope,
+    TextOutcomes,
+    image_ref,
+    stack,
+)
 from clipserve.engine.registry import ModelHandle
 from clipserve.errors import ClipServeError, InvalidInputError
 from clipserve.media import ImageInput
@@ -103,6 +110,7 @@ class Embedding:
         window: int | None = None,
         where: Where | None = None,
         dimensions: int | None = None,
+        client: str | None = None,
     ) -> Embeddings:
         """Embeddings of ``inputs``, or the first failing input's error, named ``where(i)`` (by
         default ``input[i]``, and not for a lone input).
@@ -113,11 +121,11 @@ class Embedding:
         name_of = where or _input
         refs = image_refs(core, inputs, name_of)
         name = core.resolve_model(model)
-        deadline = core.deadline()
-        async with core.serving(name, modalities_of(inputs), deadline) as handle:
+        scope = core.scope(window, client)
+        async with core.serving(name, modalities_of(inputs), scope) as handle:
             if dimensions is not None:
                 self._check_dimensions(handle, dimensions)
-            outcomes = await self.encode(handle, inputs, refs, deadline=deadline, window=window)
+            outcomes = await self.encode(handle, inputs, refs, scope)
         rows: list[Encoded] = []
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, ClipServeError):
@@ -140,27 +148,24 @@ class Embedding:
         handle: ModelHandle,
         inputs: Sequence[Content],
         refs: Sequence[ImageRef | None],
-        *,
-        deadline: float,
-        window: int | None = None,
+        scope: Scope,
     ) -> list[Encoded | ClipServeError]:
         """One outcome per input, in order, on a model already leased; ``refs`` from
         :func:`image_refs` (text inputs must be strings)."""
         core = self._core
-        window = core.window(window)
         texts = [c.value for c in inputs if c.modality == "text" and isinstance(c.value, str)]
         images = [r for r in refs if r is not None]
         text_out: TextOutcomes = {}
         image_out: ImageOutcomes = {}
         if texts and images:
             text_out, image_out = await asyncio.gather(
-                core.encoder.texts(handle, texts, deadline=deadline, window=window),
-                core.encoder.images(handle, images, deadline=deadline, window=window),
+                core.encoder.texts(handle, texts, scope),
+                core.encoder.images(handle, images, scope),
             )
         elif texts:  # one modality, as most requests: no tasks to spawn
-            text_out = await core.encoder.texts(handle, texts, deadline=deadline, window=window)
+            text_out = await core.encoder.texts(handle, texts, scope)
         elif images:
-            image_out = await core.encoder.images(handle, images, deadline=deadline, window=window)
+            image_out = await core.encoder.images(handle, images, scope)
         outcomes: list[Encoded | ClipServeError] = []
         for content, ref in zip(inputs, refs, strict=True):
             if ref is not None:

@@ -20,6 +20,7 @@ from clipserve.engine.core import EngineCore, prefetch_window
 from clipserve.engine.encoder import (
     ImageOutcomes,
     ImageRef,
+    Scope,
     TextOutcome,
     TextOutcomes,
     image_ref,
@@ -65,9 +66,9 @@ class Evaluation:
     def __init__(self, core: EngineCore) -> None:
         self._core = core
 
-    async def one(self, item: EvalItem) -> EvalResult:
+    async def one(self, item: EvalItem, *, client: str | None = None) -> EvalResult:
         """Score one pair; raises its error instead of returning it."""
-        (result,) = await self.run([item])
+        (result,) = await self.run([item], client=client)
         if result.error is not None:
             raise result.error
         return result
@@ -78,6 +79,7 @@ class Evaluation:
         *,
         window: int | None = None,
         progress: ProgressCallback | None = None,
+        client: str | None = None,
     ) -> list[EvalResult]:
         """Score pairs; results in input order, a failing pair carries its error.
 
@@ -87,8 +89,7 @@ class Evaluation:
         core = self._core
         refs = [image_ref(item.image) for item in items]
         core.check_image_count(len({ref.key for ref in refs}))
-        deadline = core.deadline()
-        window = window or prefetch_window(core.settings.eval_batch_size)
+        scope = core.scope(window or prefetch_window(core.settings.eval_batch_size), client)
         counter = _Progress(len(items), progress)
         results: list[EvalResult | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
@@ -102,9 +103,7 @@ class Evaluation:
                 counter.advance(1)
         scored = await asyncio.gather(
             *(
-                self._group(
-                    name, [items[i] for i in idx], [refs[i] for i in idx], window, deadline, counter
-                )
+                self._group(name, [items[i] for i in idx], [refs[i] for i in idx], scope, counter)
                 for name, idx in groups.items()
             )
         )
@@ -118,8 +117,7 @@ class Evaluation:
         name: str,
         items: list[EvalItem],
         refs: list[ImageRef],
-        window: int,
-        deadline: float,
+        scope: Scope,
         progress: _Progress,
     ) -> list[EvalResult]:
         core = self._core
@@ -135,14 +133,10 @@ class Evaluation:
         images: ImageOutcomes = {}
         texts: TextOutcomes = {}
         try:
-            async with core.serving(name, ("image", "text"), deadline) as handle:
+            async with core.serving(name, ("image", "text"), scope) as handle:
                 images, texts = await asyncio.gather(
-                    core.encoder.images(
-                        handle, refs, deadline=deadline, window=window, on_done=image_done
-                    ),
-                    core.encoder.texts(
-                        handle, [it.text for it in items], deadline=deadline, window=window
-                    ),
+                    core.encoder.images(handle, refs, scope, on_done=image_done),
+                    core.encoder.texts(handle, [it.text for it in items], scope),
                 )
         except ClipServeError as exc:  # the model (unknown, unavailable...): every pair fails
             progress.advance(len(items) - reported)

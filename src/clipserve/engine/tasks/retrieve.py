@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from clipserve.engine.core import EngineCore
-from clipserve.engine.encoder import TextOutcome, stack
+from clipserve.engine.encoder import Scope, TextOutcome, stack
 from clipserve.engine.registry import ModelHandle
 from clipserve.engine.tasks.embed import (
     Content,
@@ -98,16 +98,21 @@ class Retrieval:
         self.label_cache = LabelCache()
 
     async def rank(
-        self, model: str | None, query: Content, documents: Sequence[Content]
+        self,
+        model: str | None,
+        query: Content,
+        documents: Sequence[Content],
+        *,
+        client: str | None = None,
     ) -> Ranking:
         """Documents sorted by cosine similarity to the query (ties keep document order)."""
         core = self._core
         inputs = [query, *documents]
         refs = image_refs(core, inputs, lambda i: "query" if i == 0 else f"documents[{i - 1}]")
         name = core.resolve_model(model)
-        deadline = core.deadline()
-        async with core.serving(name, modalities_of(inputs), deadline) as handle:
-            outcomes = await self._embedding.encode(handle, inputs, refs, deadline=deadline)
+        scope = core.scope(client=client)
+        async with core.serving(name, modalities_of(inputs), scope) as handle:
+            outcomes = await self._embedding.encode(handle, inputs, refs, scope)
         head, *rest = outcomes
         if isinstance(head, ClipServeError):
             raise indexed(head, "query")
@@ -128,6 +133,8 @@ class Retrieval:
         images: Sequence[ImageInput],
         labels: Sequence[str],
         template: str = "a photo of a {}",
+        *,
+        client: str | None = None,
     ) -> list[Classification]:
         """Zero-shot classification: per image, labels sorted by probability (softmax over
         ``logit_scale * cos`` for CLIP, an independent sigmoid per label for SigLIP)."""
@@ -155,11 +162,11 @@ class Retrieval:
         contents = [Content.image(image) for image in images]
         refs = image_refs(core, contents)
         name = core.resolve_model(model)
-        deadline = core.deadline()
+        scope = core.scope(client=client)
         prompts = [template.replace("{}", label) for label in labels]
-        async with core.serving(name, ("image", "text"), deadline) as handle:
-            text_vectors = await self._label_vectors(handle, prompts, deadline)
-            outcomes = await self._embedding.encode(handle, contents, refs, deadline=deadline)
+        async with core.serving(name, ("image", "text"), scope) as handle:
+            text_vectors = await self._label_vectors(handle, prompts, scope)
+            outcomes = await self._embedding.encode(handle, contents, refs, scope)
             ok = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, Encoded)]
             if ok:  # images x labels: a matrix product, on the device thread like all torch work
                 backend = handle.backend
@@ -180,7 +187,7 @@ class Retrieval:
         return out
 
     async def _label_vectors(
-        self, handle: ModelHandle, prompts: Sequence[str], deadline: float
+        self, handle: ModelHandle, prompts: Sequence[str], scope: Scope
     ) -> list[torch.Tensor]:
         """Prompt embeddings, from the per-model cache where possible."""
         cache = self.label_cache
@@ -193,9 +200,7 @@ class Retrieval:
             else:
                 resolved[prompt] = hit
         if todo:
-            encoded = await self._core.encoder.texts(
-                handle, todo, deadline=deadline, window=self._core.window(None)
-            )
+            encoded = await self._core.encoder.texts(handle, todo, scope)
             for prompt in todo:
                 outcome = encoded[prompt]
                 if isinstance(outcome, ClipServeError):
