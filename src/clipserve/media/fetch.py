@@ -38,6 +38,7 @@ from clipserve.errors import (
     MediaTooLargeError,
     MediaUpstreamError,
     UnsupportedMediaTypeError,
+    quote,
 )
 from clipserve.media.source import describe
 
@@ -363,7 +364,8 @@ class UrlFetcher:
                 f"{limit} bytes",
                 detail={"num_bytes": int(declared), "max_image_bytes": limit},
             )
-        inflate = _inflater(response, shown)
+        wbits = _inflation(response, shown)
+        inflate = None if wbits is None else zlib.decompressobj(wbits)
         body = bytearray()
 
         def add(data: bytes) -> None:
@@ -377,17 +379,29 @@ class UrlFetcher:
         # Raw bytes: httpx's own decoding inflates a whole chunk at once, and a few kilobytes of
         # nested gzip inflate to gigabytes. Here the cap applies to the inflated stream as it
         # grows: zlib never returns more than what is left of the budget (+1, to see it pass).
+        # A gzip body may hold several members (`cat a.gz b.gz`): each one that ends starts the
+        # next on what follows it. A stream that ends before its trailer (CRC and length) is cut.
         try:
             async for chunk in response.aiter_raw():
-                if inflate is None:
+                if inflate is None or wbits is None:
                     add(chunk)
                     continue
                 pending = chunk
                 while pending:
                     add(inflate.decompress(pending, limit + 1 - len(body)))
-                    pending = inflate.unconsumed_tail
+                    if not inflate.eof:
+                        pending = inflate.unconsumed_tail
+                    elif wbits > zlib.MAX_WBITS and (pending := inflate.unused_data):
+                        inflate = zlib.decompressobj(wbits)  # the next gzip member
+                    else:
+                        pending = b""  # what follows a deflate stream is ignored
             if inflate is not None:
                 add(inflate.flush())
+                if not inflate.eof:
+                    raise MediaFetchError(
+                        f"image could not be fetched: the compressed response from {shown} ends "
+                        "before its compressed stream does (truncated)"
+                    )
         except zlib.error as exc:
             raise MediaFetchError(
                 f"image could not be fetched: the compressed response from {shown} is corrupt "
@@ -401,8 +415,16 @@ class UrlFetcher:
             parsed = base.join(url) if base is not None else httpx.URL(url.strip())
         except httpx.InvalidURL as exc:
             self._refuse_literal_host(url)  # e.g. `0177.0.0.1`, which httpx rejects outright
-            raise MediaFetchError(f"invalid image URL {describe(url)}: {exc}") from exc
+            # httpx's text repeats the offending host or port: quoted short, like all input.
+            raise MediaFetchError(f"invalid image URL {describe(url)}: {quote(str(exc))}") from exc
         shown = describe(str(parsed) if base is not None else url)
+        try:
+            parsed.host  # noqa: B018 - decodes an 'xn--' label, which may not be valid IDNA
+        except UnicodeError as exc:  # idna.IDNAError is one
+            raise MediaFetchError(
+                f"invalid image URL {shown}: its host is not a valid internationalised domain "
+                f"name ({quote(str(exc), 100)})"
+            ) from exc
         if parsed.scheme not in ("http", "https"):
             where = f" in a redirect from {describe(str(base))}" if base is not None else ""
             raise UnsupportedMediaTypeError(
@@ -560,9 +582,9 @@ _INFLATE_WBITS = {
 }
 
 
-def _inflater(response: httpx.Response, shown: str) -> Any:
-    """A zlib decompressor for a response sent with one layer of gzip or deflate (though we ask
-    for identity), None for an uncompressed one; any other encoding, or more than one layer, is
+def _inflation(response: httpx.Response, shown: str) -> int | None:
+    """zlib's ``wbits`` for a response sent with one layer of gzip or deflate (though we ask for
+    identity), None for an uncompressed one; any other encoding, or more than one layer, is
     refused."""
     layers = [
         token.strip().lower()
@@ -578,7 +600,7 @@ def _inflater(response: httpx.Response, shown: str) -> Any:
             f"body, or one layer of gzip or deflate, is accepted: {shown}",
             detail={"content_encoding": encoding},
         )
-    return zlib.decompressobj(_INFLATE_WBITS[layers[0]])
+    return _INFLATE_WBITS[layers[0]]
 
 
 def _retry_after(response: httpx.Response) -> float | None:

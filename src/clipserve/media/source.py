@@ -198,20 +198,35 @@ def _decode_base64(payload: str) -> bytes:
 
 
 def _redact(url: str) -> str:
-    """``url`` without its secrets: the user info, and every query value (signed URLs carry
-    their credentials there: ``X-Amz-Signature``, ``sig``, ``token``...); the keys stay."""
+    """``url`` without its secrets: the user info, every query value (signed URLs carry their
+    credentials there: ``X-Amz-Signature``, ``sig``, ``token``...; the keys stay) and the
+    fragment (``#access_token=...``)."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc and not parts.query:
+    except ValueError:  # e.g. an unclosed '[': cut the same parts out by hand
+        return _redact_unsplit(url)
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
         return url  # as given (urlsplit would drop control characters the log must show)
     if "@" in parts.netloc:
         parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
     if parts.query:
         fields = (f.partition("=") for f in parts.query.split("&"))
         parts = parts._replace(query="&".join(k + ("=***" if eq else "") for k, eq, _ in fields))
+    if parts.fragment:
+        parts = parts._replace(fragment="***")
     return urlunsplit(parts)
+
+
+def _redact_unsplit(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    rest, secret = rest[:cut], rest[cut:]
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return scheme + sep + authority + slash + path + (secret[:1] + "***" if secret else "")
 
 
 def _cap(text: str) -> str:

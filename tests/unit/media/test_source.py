@@ -110,6 +110,16 @@ def test_describe_caps_urls_and_hides_credentials() -> None:
     )
 
 
+def test_describe_hides_fragments_and_secrets_of_urls_it_cannot_split() -> None:
+    assert describe("https://img.example/a.png#access_token=SECRET") == (
+        "https://img.example/a.png#***"
+    )
+    # An unclosed '[' makes urlsplit raise: the same parts are cut out by hand.
+    assert describe("http://[::1/a.png?token=SECRET") == "http://[::1/a.png?***"
+    assert describe("http://user:SECRET@[::1/a.png") == "http://***@[::1/a.png"
+    assert describe("http://[::1/a.png#SECRET") == "http://[::1/a.png#***"
+
+
 def test_describe_escapes_control_characters() -> None:
     assert describe("http://img.example/a\r\nX-Injected: 1") == (
         "http://img.example/a\\r\\nX-Injected: 1"
