@@ -7,6 +7,7 @@ so the embeddings equal what open_clip itself computes.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -102,6 +103,28 @@ def _looks_like_path(value: str) -> bool:
 
 MAX_TOKEN_CHARS = 34
 """More characters than one token of the CLIP BPE vocabulary spans (32), with a separator."""
+MAX_WORD_CHARS = 48
+"""Letters (or punctuation marks) in a row that open_clip's BPE sees as one word: its cost is
+quadratic in a word's length (a random 2600-letter word takes half a second), and no English word
+is this long; longer runs are cut to it."""
+_LONG_RUN = re.compile(rf"[^\W\d_]{{{MAX_WORD_CHARS + 1},}}|[^\s\w]{{{MAX_WORD_CHARS + 1},}}")
+_CHUNK = re.compile(r"\S+")
+
+
+def bounded_text(text: str, context_length: int, *, cut_long_words: bool) -> str:
+    """What of ``text`` can reach the context: its first ``context_length * MAX_TOKEN_CHARS``
+    characters and its first ``context_length`` whitespace-separated chunks (each makes at least
+    one token), then, with ``cut_long_words``, runs over ``MAX_WORD_CHARS`` cut to that."""
+    text = text[: context_length * MAX_TOKEN_CHARS]
+    for count, chunk in enumerate(_CHUNK.finditer(text), start=1):
+        if count == context_length:
+            text = text[: chunk.end()]
+            break
+    if cut_long_words:
+        text = _LONG_RUN.sub(lambda run: run.group()[:MAX_WORD_CHARS], text)
+    return text
+
+
 BPE_CACHE_ENTRIES = 50_000
 """Words whose BPE open_clip's SimpleTokenizer remembers (its own cache never forgets)."""
 
@@ -124,11 +147,16 @@ class _BoundedCache(dict[str, str]):
         super().__setitem__(key, value)
 
 
-def _bound_bpe_cache(tokenizer: Any) -> None:
+def _bound_bpe_cache(tokenizer: Any) -> bool:
+    """Bound the BPE word cache of open_clip's own tokenizer; whether ``tokenizer`` is that one
+    (whose BPE, in Python, is quadratic in a word's length)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    if isinstance(tokenizer, SimpleTokenizer) and type(tokenizer.cache) is dict:
+    if not isinstance(tokenizer, SimpleTokenizer):
+        return False
+    if type(tokenizer.cache) is dict:
         tokenizer.cache = _BoundedCache(tokenizer.cache, BPE_CACHE_ENTRIES)
+    return True
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str], int]:
@@ -257,7 +285,7 @@ class OpenClipBackend:
         self._model: Any = model.eval()
         self._preprocess = _PilThenNumpy.wrap(preprocess) or preprocess
         self._tokenizer = tokenizer
-        _bound_bpe_cache(tokenizer)
+        self._cut_long_words = _bound_bpe_cache(tokenizer)
         self._tokenizer_lock = threading.Lock()
         self._count_tokens = _token_counter(tokenizer)
         self._device = torch.device(device)
@@ -340,12 +368,12 @@ class OpenClipBackend:
         return pixels.float()
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        """Texts cut to ``context_length * MAX_TOKEN_CHARS`` characters first: no token is longer,
-        so the tokens that fit the context are the same, and a hostile 10,000-letter word cannot
-        make open_clip's BPE (quadratic in a word's length) run for seconds. Token counts of cut
-        texts are then those of the cut text (still over the context: ``truncated``)."""
-        bound = self._context_length * MAX_TOKEN_CHARS
-        cut = [text[:bound] for text in texts]
+        """Texts cut to what can reach the context first (:func:`bounded_text`): the tokens that
+        fit it are the same (but for words over ``MAX_WORD_CHARS`` letters), and a hostile text
+        cannot make open_clip's BPE (quadratic in a word's length) run for seconds. Token counts
+        of cut texts are then those of the cut text (still over the context: ``truncated``)."""
+        context, long_words = self._context_length, self._cut_long_words
+        cut = [bounded_text(text, context, cut_long_words=long_words) for text in texts]
         if not cut:
             empty = torch.zeros((0, self._context_length), dtype=torch.long)
             return TokenizedTexts(inputs={"input_ids": empty}, token_counts=(), truncated=())
@@ -353,8 +381,8 @@ class OpenClipBackend:
             ids = self._tokenizer(cut, context_length=self._context_length)
             counts = tuple(self._count_tokens(text) for text in cut)
         truncated = tuple(
-            count > self._context_length or len(text) > bound
-            for count, text in zip(counts, texts, strict=True)
+            count > context or len(kept) < len(text)
+            for count, kept, text in zip(counts, cut, texts, strict=True)
         )
         return TokenizedTexts(inputs={"input_ids": ids}, token_counts=counts, truncated=truncated)
 

@@ -16,9 +16,11 @@ from clipserve.errors import ModelLoadError
 from clipserve.models.base import Backend, clip_scores
 from clipserve.models.open_clip_backend import (
     MAX_TOKEN_CHARS,
+    MAX_WORD_CHARS,
     OpenClipBackend,
     _BoundedCache,
     _PilThenNumpy,
+    bounded_text,
     resolve_open_clip_source,
 )
 
@@ -135,12 +137,31 @@ def test_truncation_is_reported_not_fatal(backend: OpenClipBackend, long_text: s
     assert backend.encode_texts(tokens).shape == (3, 32)
 
 
-def test_a_hostile_long_word_costs_milliseconds_not_seconds(backend: OpenClipBackend) -> None:
-    word = "".join(chr(ord("a") + (i * 7919) % 26) for i in range(20_000))  # no repeats to cache
+def test_hostile_long_words_cost_milliseconds_not_seconds(backend: OpenClipBackend) -> None:
+    rng = np.random.default_rng(7)  # random letters: no repeating pattern for the BPE to reuse
+    words = ["".join(chr(ord("a") + c) for c in rng.integers(0, 26, n)) for n in (20_000, 2600)]
+    marks = "".join(rng.choice(list("!?.,;:-+*/")) for _ in range(3000))
     started = time.perf_counter()
-    tokens = backend.tokenize([word, "a photo of a cat"])
-    assert time.perf_counter() - started < 2.0  # uncut: about 8 s of BPE on this machine
-    assert tokens.truncated == (True, False)
+    many = " ".join(words[1][i : i + 40] for i in range(0, 2400, 40))  # 60 random 40-letter words
+    tokens = backend.tokenize([*words, marks, many, "a photo of a cat"])
+    assert time.perf_counter() - started < 1.0  # uncut: 8 s for the first, 0.5 s for the second
+    assert tokens.truncated == (True, True, True, True, False)
+
+
+def test_bounded_text_keeps_what_reaches_the_context() -> None:
+    assert bounded_text("a photo of  a cat", 77, cut_long_words=True) == "a photo of  a cat"
+    many = " ".join(f"w{i}" for i in range(200))
+    assert bounded_text(many, 77, cut_long_words=True) == " ".join(f"w{i}" for i in range(77))
+    assert bounded_text("x" * 100, 77, cut_long_words=True) == "x" * MAX_WORD_CHARS
+    assert bounded_text("x" * 100, 77, cut_long_words=False) == "x" * 100
+    assert bounded_text("é" * 60 + " ok", 77, cut_long_words=True) == "é" * MAX_WORD_CHARS + " ok"
+    assert bounded_text("1" * 60, 77, cut_long_words=True) == "1" * 60  # a digit is a word
+
+
+def test_words_of_normal_length_tokenize_exactly_as_open_clip(backend: OpenClipBackend) -> None:
+    text = "pneumonoultramicroscopicsilicovolcanoconiosis, antidisestablishmentarianism!!!"
+    reference = open_clip.get_tokenizer("ViT-B-32")([text], context_length=77)
+    assert torch.equal(backend.tokenize([text]).inputs["input_ids"], reference)
 
 
 def test_cutting_long_texts_keeps_the_tokens_that_fit(
