@@ -25,7 +25,7 @@ from clipserve.api.uploads import (
     multipart_body,
     read_uploads,
 )
-from clipserve.errors import InvalidInputError
+from clipserve.errors import InvalidInputError, quote
 from clipserve.media import ImageInput
 
 router = APIRouter(tags=["retrieval"])
@@ -53,8 +53,11 @@ async def _classify(
                 index=i,
                 top_label=row.labels[0].label if row.labels else None,
                 labels=[
-                    LabelResult(
-                        index=s.index, label=s.label, score=s.score, probability=s.probability
+                    LabelResult(  # a long label is echoed short: its index names it
+                        index=s.index,
+                        label=quote(s.label),
+                        score=s.score,
+                        probability=s.probability,
                     )
                     for s in row.labels
                 ],

@@ -33,6 +33,8 @@ from clipserve.models.base import sigmoid_probabilities
 
 MAX_LABELS = 1000
 """Labels per classification request."""
+MAX_CLASSIFY_SCORES = 100_000
+"""Images x labels of one classify request: its answer holds a score for each."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,13 @@ class Retrieval:
             )
         if not labels or len(labels) > MAX_LABELS:
             raise InvalidInputError(f"send between 1 and {MAX_LABELS} labels")
+        if len(images) * len(labels) > MAX_CLASSIFY_SCORES:  # the answer lists them all
+            raise InvalidInputError(
+                f"{len(images)} images x {len(labels)} labels would answer "
+                f"{len(images) * len(labels)} scores; the limit is {MAX_CLASSIFY_SCORES} (send "
+                "fewer images per request)",
+                detail={"max_scores": MAX_CLASSIFY_SCORES},
+            )
         if any(not label.strip() for label in labels):
             raise InvalidInputError("labels must not be empty strings")
         core = self._core
