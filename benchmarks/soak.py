@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from clipserve.bench import _jpeg_uri, bench_registry, sample_pairs, server
+from clipserve.bench import bench_registry, jpeg_uri, sample_pairs, server
 
 SINGLE = "/evaluator/v1/evaluation/single"
 IMAGE_SIZE = 128
@@ -184,7 +184,7 @@ def main() -> int:
             "".join(
                 json.dumps(
                     {
-                        "image_input": _jpeg_uri(img),
+                        "image_input": jpeg_uri(img),
                         "text_prompt": text,
                         "model_config_name": args.model,
                     }

@@ -149,6 +149,11 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg_uri(image: Image.Image) -> str:
+    """``image`` as a JPEG data URI: the image input of the benchmarks' requests."""
+    return "data:image/jpeg;base64," + base64.b64encode(_jpeg(image)).decode()
+
+
 def bench_registry(models: Sequence[str], workdir: Path) -> dict[str, dict[str, object]]:
     from clipserve.testing.tiny import build_tiny_open_clip
 
