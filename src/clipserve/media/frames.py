@@ -4,7 +4,8 @@ Only the first frame is decoded. What is checked, per accepted format:
 
 * JPEG, MPO, PNG/APNG, BMP, PPM, QOI: the size the header parse finds is the size decoded (MPO's
   first frame is the JPEG whose header was parsed; APNG frames lie inside the IHDR canvas, which
-  Pillow checks), checked by :func:`clipserve.media.decode.check_pixel_limit` right after the header parse.
+  Pillow checks), checked by :func:`clipserve.media.decode.check_pixel_limit` right after the
+  header parse.
 * GIF: the first frame's descriptor may lie outside the logical screen; Pillow grows ``size`` to
   cover it during the header parse, so the check sees it. (That parse already allocates a
   1 byte/pixel disposal fill of the first frame, bounded only by Pillow's bomb limit.)
