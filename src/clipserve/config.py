@@ -99,6 +99,14 @@ class MediaSettings(BaseModel):
         default=None, description="local image paths are served only from under this folder"
     )
     decode_workers: int | None = Field(default=None, gt=0, description="default: CPU count")
+    heavy_image_pixels: int = Field(
+        default=8_000_000,
+        gt=0,
+        description="images over this many pixels are decoded on low-priority threads",
+    )
+    heavy_decode_workers: int | None = Field(
+        default=None, gt=0, description="low-priority decode threads; default: half the CPUs"
+    )
     user_agent: str = "clipserve/0.1 (+https://github.com/clipserve/clipserve)"
 
     @field_validator("allowed_hosts", "denied_hosts")

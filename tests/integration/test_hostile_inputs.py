@@ -31,7 +31,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from clipserve.api.app import create_app
 from clipserve.api.security import hash_key
 from clipserve.config import Settings
 from clipserve.models.loader import load_backend
-from clipserve.testing import FakeLoader
+from clipserve.testing import FakeLoader, QuietHTTPServer
 
 SINGLE = "/evaluator/v1/evaluation/single"
 BATCH = "/evaluator/v1/evaluation/batch"
@@ -2555,8 +2555,7 @@ def origin(media: dict[str, bytes]) -> Iterator[str]:
             with contextlib.suppress(OSError):  # the service stops reading a bomb at its cap
                 self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:

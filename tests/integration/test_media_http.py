@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -22,6 +22,7 @@ from clipserve.errors import (
     UnsupportedMediaTypeError,
 )
 from clipserve.media import ImageLoader, SourceKind, UrlFetcher
+from clipserve.testing import QuietHTTPServer
 
 
 @dataclass
@@ -117,8 +118,7 @@ def make_handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def origin(photo_bytes: Callable[..., bytes]) -> Iterator[Origin]:
     origin = Origin(jpeg=photo_bytes("astronaut"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(origin))
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), make_handler(origin))
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="test-origin", daemon=True
     )

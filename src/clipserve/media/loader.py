@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -63,17 +65,28 @@ class _Decoded(Generic[T]):
     decode_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Heavy:
+    """A job's answer for an image over ``heavy_image_pixels``: its bytes, to decode on the
+    low-priority threads."""
+
+    data: bytes
+    read_seconds: float
+
+
 def _decode_job(
     kind: SourceKind,
     value: ImageInput,
     settings: MediaSettings,
     transform: Callable[[Image.Image], Any] | None,
     reserve: Callable[[], AbstractContextManager[Reservation]],
-) -> _Decoded[Any]:
+    heavy_above: int | None,
+) -> _Decoded[Any] | _Heavy:
     """Read (a data URI, a file), decode and transform one image: the loader's one executor job.
     For a URL, ``value`` is the body already downloaded. The pixels are decoded only once the
     header has been read and its ``width * height`` taken from the reservation, and are freed
-    before it ends (only ``transform``'s result, such as a tensor, outlives the job)."""
+    before it ends (only ``transform``'s result, such as a tensor, outlives the job). An encoded
+    image over ``heavy_above`` pixels is handed back undecoded (:class:`_Heavy`)."""
     started = time.perf_counter()
     read_seconds = 0.0
     with reserve() as reservation:
@@ -93,7 +106,10 @@ def _decode_job(
                 read_seconds = time.perf_counter() - started
             num_bytes = len(data)
             with open_image(data, settings) as header:
-                reservation.take(header.width * header.height)
+                pixels = header.width * header.height
+                if heavy_above is not None and pixels > heavy_above:
+                    return _Heavy(data, read_seconds)
+                reservation.take(pixels)
                 # Transformed before the file closes, so the decoded image need not be copied.
                 image = finish_image(header, detach=transform is None)
                 del data  # the encoded bytes are not needed past the decode
@@ -102,8 +118,26 @@ def _decode_job(
     return _Decoded(result, num_bytes, read_seconds, time.perf_counter() - started - read_seconds)
 
 
+HEAVY_NICENESS = 19
+"""The nice value of the threads that decode images over ``heavy_image_pixels``."""
+
+
+def _background_priority() -> None:
+    """Thread initializer: this thread runs at a lower CPU priority (on Linux the nice value is a
+    thread's own), so decoding huge images takes the CPU that requests for small ones leave."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, thread, max(HEAVY_NICENESS, os.getpriority(os.PRIO_PROCESS, thread))
+        )
+    except (AttributeError, OSError):  # not on this platform, or not allowed: normal priority
+        pass
+
+
 class ImageLoader:
-    """Loads image inputs of every kind. Owns (and closes) the executor and fetcher it creates."""
+    """Loads image inputs of every kind. Owns (and closes) the executor and fetcher it creates,
+    and its own low-priority threads for images over ``heavy_image_pixels``: a batch of huge
+    images then slows the requests for small ones (and the model's forward passes) little."""
 
     def __init__(
         self,
@@ -122,6 +156,11 @@ class ImageLoader:
         self._fetcher = fetcher or UrlFetcher(settings)
         self.pixels = PixelBudget(settings.max_decoded_pixels)
         """Decoded pixels held at once by every job of this loader."""
+        self._heavy = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.heavy_decode_workers or max(1, (os.cpu_count() or 2) // 2),
+            thread_name_prefix="clipserve-decode-heavy",
+            initializer=_background_priority,
+        )
 
     def window(self) -> PixelWindow:
         """A new request window's share of the pixel budget (``max_request_decoded_pixels``)."""
@@ -144,6 +183,7 @@ class ImageLoader:
             await self._fetcher.aclose()
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        self._heavy.shutdown(wait=False, cancel_futures=True)
 
     @overload
     async def load(
@@ -184,15 +224,25 @@ class ImageLoader:
             value = await self._fetcher.fetch(value.strip())
             fetch_seconds = time.perf_counter() - started
         loop = asyncio.get_running_loop()
+        reserve = partial(self.pixels.reserve, window, until=until)
+        settings = self._settings
         decoded = await loop.run_in_executor(
             self._executor,
             _decode_job,
             kind,
             value,
-            self._settings,
+            settings,
             transform,
-            partial(self.pixels.reserve, window, until=until),
+            reserve,
+            settings.heavy_image_pixels,
         )
+        if isinstance(decoded, _Heavy):
+            read_seconds = decoded.read_seconds
+            decoded = await loop.run_in_executor(
+                self._heavy, _decode_job, kind, decoded.data, settings, transform, reserve, None
+            )
+            assert isinstance(decoded, _Decoded)
+            decoded = dataclasses.replace(decoded, read_seconds=read_seconds)
         return LoadedImage(
             image=decoded.image,
             source=kind,

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from clipserve.errors import (
     UnsupportedMediaTypeError,
 )
 from clipserve.media import ImageLoader, LoadedImage, SourceKind, UrlFetcher, decode_image
+from clipserve.media.loader import HEAVY_NICENESS
 
 
 class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -260,3 +262,29 @@ async def test_decoded_pixels_held_at_once_stay_within_the_process_and_request_b
     assert max(request for _, request in held) <= 2 * side * side
     assert loader.pixels.peak <= 3 * side * side
     assert loader.pixels.used == 0
+
+
+async def test_huge_images_decode_on_low_priority_threads_and_small_ones_do_not() -> None:
+    settings = MediaSettings(heavy_image_pixels=1_000_000)
+    seen: dict[tuple[int, int], tuple[str, int]] = {}
+
+    def transform(image: Image.Image) -> tuple[int, int]:
+        thread = threading.current_thread()
+        seen[image.size] = (thread.name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return image.size
+
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (1500, 1000), "navy").save(big, format="PNG")
+    Image.new("RGB", (64, 64), "red").save(small, format="PNG")
+    async with ImageLoader(settings) as loader:
+        loaded = await loader.load(big.getvalue(), transform)
+        await loader.load(
+            "data:image/png;base64," + base64.b64encode(small.getvalue()).decode(), transform
+        )
+    assert loaded.image == (1500, 1000)
+    assert loaded.num_bytes == len(big.getvalue())
+    big_thread, big_nice = seen[(1500, 1000)]
+    small_thread, small_nice = seen[(64, 64)]
+    assert big_thread.startswith("clipserve-decode-heavy")
+    assert not small_thread.startswith("clipserve-decode-heavy")
+    assert big_nice >= max(small_nice, HEAVY_NICENESS) > small_nice or small_nice >= HEAVY_NICENESS
