@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,12 +224,18 @@ class RunningServer:
 
 @contextmanager
 def server(
-    config: Path, model: str, *, max_batch_size: int, device: str, extra: Sequence[str] = ()
+    config: Path,
+    model: str,
+    *,
+    max_batch_size: int,
+    device: str,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
     """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded; ``extra``
-    are more ``serve`` flags."""
+    are more ``serve`` flags, ``env`` more environment variables (settings)."""
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": model}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": model, **(env or {})}
     command = [
         sys.executable,
         "-m",

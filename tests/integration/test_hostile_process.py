@@ -8,11 +8,7 @@ import gzip
 import http.server
 import io
 import json
-import os
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,16 +22,11 @@ import pytest
 from PIL import Image
 
 from clipserve.api.security import hash_key
+from clipserve.bench import server
 from clipserve.testing import QuietHTTPServer
 
 KEY = "hostile-suite-key"
 MB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _png(image: Image.Image) -> bytes:
@@ -93,7 +84,7 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
 @dataclass
 class Server:
     base: str
-    process: subprocess.Popen[str]
+    pid: int
     upstream: str
 
     def rss_mb(self) -> float:
@@ -104,13 +95,13 @@ class Server:
 
     def reset_peak(self) -> None:
         # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
     def _status(self, field: str) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-        raise AssertionError(f"no {field} in /proc/{self.process.pid}/status")
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +129,7 @@ def real_server(
 ) -> Iterator[Server]:
     config = tmp_path_factory.mktemp("hostile-process") / "models.json"
     config.write_text(json.dumps({"models": {"tiny": tiny_registry["tiny"]}}))
-    port = _free_port()
     env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "CLIPSERVE_DEFAULT_MODEL": "tiny",
         "CLIPSERVE_AUTH__API_KEYS": json.dumps([hash_key(KEY)]),
         "CLIPSERVE_MEDIA__ALLOWED_NETWORKS": '["127.0.0.0/8"]',
         # More decode threads (big images use the low-priority ones) than the budget lets work.
@@ -151,36 +138,10 @@ def real_server(
         "CLIPSERVE_MEDIA__MAX_DECODED_PIXELS": str(2 * 4000 * 4000),
         "CLIPSERVE_MEDIA__MAX_REQUEST_DECODED_PIXELS": str(2 * 4000 * 4000),
     }
-    command = [sys.executable, "-m", "clipserve", "serve", "--config", str(config)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    ends = time.monotonic() + 90
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"server exited early:\n{process.stderr.read() if process.stderr else ''}"
-                )
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < ends, "server did not become healthy in 90 s"
-            time.sleep(0.2)
-        server = Server(base, process, upstream)
-        _good(server)  # the model loaded and warm: later growth is the case's, not start-up's
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with server(config, "tiny", max_batch_size=32, device="cpu", env=env) as running:
+        real = Server(running.url, running.pid, upstream)
+        _good(real)  # the model loaded and warm: later growth is the case's, not start-up's
+        yield real
 
 
 def _good(server: Server) -> None:
