@@ -148,7 +148,7 @@ def serve(
     )
     log_config = _configure_logging(settings.server.log_level)
     try:
-        application = create_app(settings)
+        application = create_app(settings, freeze_heap=True)
         uvicorn.run(
             application,
             host=settings.server.host,
