@@ -14,7 +14,8 @@ in four, a distinct ``/v1/embeddings`` text. Phases:
 2. ``hostile``  - the same good clients, plus a hostile sender in a separate process (so that
    building and sending its requests does not slow the good clients' event loop) which keeps its
    count at ``--hostile-share`` of all requests (one hostile request per nine good ones at 0.10),
-   cycling through the hostile classes below, each request on its own (at most 16 in flight);
+   cycling through the hostile classes below, each request on its own (at most 16 in flight, of
+   them at most 4 of a class that waits out its time-out, ``heavy-png-batch``);
 3. ``after``    - the good clients alone again (recovery), once every hostile request has ended.
 
 With ``--rounds`` N > 1, phases 1 and 2 alternate N times before ``after``, and the throughput
@@ -87,6 +88,9 @@ CLASSIFY = "/v1/classify"
 IMAGE_SIZE = 128
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the server's default max_body_bytes
 HOSTILE_IN_FLIGHT = 16
+STARVABLE_IN_FLIGHT = 4
+"""At most this many of a :data:`STARVABLE` class in flight: they wait out their time-out, and
+would otherwise take every hostile slot and hold the hostile share under ``--hostile-share``."""
 THROUGHPUT_TARGET = 0.8
 RSS_GROWTH_LIMIT_MB = 300.0
 BUSY_CORES = 0.25
@@ -232,6 +236,10 @@ STARVABLE = frozenset({"heavy-png-batch"})
 """Legal work the server does at background priority (images over ``heavy_image_pixels`` decode on
 low-priority threads): offered faster than the CPU left over can serve it, it waits, and a client
 time-out is the expected outcome, not a hang."""
+
+
+def _release(counts: Counter[str], name: str, _: object) -> None:
+    counts[name] -= 1
 
 
 def hostile_failed(name: str, status: str) -> bool:
@@ -470,6 +478,7 @@ async def hostile_sender(
     puts their results in ``out``. ``go`` with ``stop`` set: the end."""
     order = schedule(classes)
     sent: Counter[str] = Counter()
+    starved: Counter[str] = Counter()  # in flight, per STARVABLE class
     count = 0
     ratio = share / (1 - share)
     limits = httpx.Limits(max_connections=HOSTILE_IN_FLIGHT, max_keepalive_connections=4)
@@ -500,9 +509,15 @@ async def hostile_sender(
                 behind = this_phase < (good_answers.value - base) * ratio
                 if behind and len(in_flight) < HOSTILE_IN_FLIGHT:
                     hostile = order[count % len(order)]
+                    if hostile.name in STARVABLE and starved[hostile.name] >= STARVABLE_IN_FLIGHT:
+                        count += 1  # its slots are taken: this turn goes to the next class
+                        continue
                     task = asyncio.create_task(one(hostile, sent[hostile.name], results))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+                    if hostile.name in STARVABLE:
+                        starved[hostile.name] += 1
+                        task.add_done_callback(functools.partial(_release, starved, hostile.name))
                     sent[hostile.name] += 1
                     count += 1
                     this_phase += 1

@@ -102,7 +102,7 @@ class MediaSettings(BaseModel):
     heavy_image_pixels: int = Field(
         default=8_000_000,
         gt=0,
-        description="images over this many pixels are decoded on low-priority threads",
+        description="images over this many pixels are decoded on idle-priority threads",
     )
     heavy_decode_workers: int | None = Field(
         default=None, gt=0, description="low-priority decode threads; default: half the CPUs"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import threading
@@ -123,15 +124,20 @@ HEAVY_NICENESS = 19
 
 
 def _background_priority() -> None:
-    """Thread initializer: this thread runs at a lower CPU priority (on Linux the nice value is a
-    thread's own), so decoding huge images takes the CPU that requests for small ones leave."""
-    try:
-        thread = threading.get_native_id()
+    """Thread initializer: this thread takes only the CPU that others leave (on Linux a thread's
+    nice value and scheduling policy are its own). ``SCHED_IDLE`` where the platform has it: a
+    waking normal thread then preempts it at once, where a nice-19 thread keeps its slice
+    (hostile_load, a stream of 36-Mpx batches beside small requests: good p99 120 -> 70 ms,
+    good throughput 0.85 -> 0.90 of baseline). The nice value is raised too, for platforms without
+    ``SCHED_IDLE`` and for tools that show only niceness."""
+    thread = threading.get_native_id()
+    # Either may be missing on this platform or not allowed: what is left applies.
+    with contextlib.suppress(AttributeError, OSError):
         os.setpriority(
             os.PRIO_PROCESS, thread, max(HEAVY_NICENESS, os.getpriority(os.PRIO_PROCESS, thread))
         )
-    except (AttributeError, OSError):  # not on this platform, or not allowed: normal priority
-        pass
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
 
 class ImageLoader:

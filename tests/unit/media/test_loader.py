@@ -266,11 +266,12 @@ async def test_decoded_pixels_held_at_once_stay_within_the_process_and_request_b
 
 async def test_huge_images_decode_on_low_priority_threads_and_small_ones_do_not() -> None:
     settings = MediaSettings(heavy_image_pixels=1_000_000)
-    seen: dict[tuple[int, int], tuple[str, int]] = {}
+    seen: dict[tuple[int, int], tuple[str, int, int | None]] = {}
 
     def transform(image: Image.Image) -> tuple[int, int]:
-        thread = threading.current_thread()
-        seen[image.size] = (thread.name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        thread, native = threading.current_thread(), threading.get_native_id()
+        policy = os.sched_getscheduler(native) if hasattr(os, "sched_getscheduler") else None
+        seen[image.size] = (thread.name, os.getpriority(os.PRIO_PROCESS, native), policy)
         return image.size
 
     big, small = io.BytesIO(), io.BytesIO()
@@ -283,8 +284,11 @@ async def test_huge_images_decode_on_low_priority_threads_and_small_ones_do_not(
         )
     assert loaded.image == (1500, 1000)
     assert loaded.num_bytes == len(big.getvalue())
-    big_thread, big_nice = seen[(1500, 1000)]
-    small_thread, small_nice = seen[(64, 64)]
+    big_thread, big_nice, big_policy = seen[(1500, 1000)]
+    small_thread, small_nice, small_policy = seen[(64, 64)]
     assert big_thread.startswith("clipserve-decode-heavy")
     assert not small_thread.startswith("clipserve-decode-heavy")
     assert big_nice >= max(small_nice, HEAVY_NICENESS) > small_nice or small_nice >= HEAVY_NICENESS
+    if hasattr(os, "SCHED_IDLE"):  # Linux: only the heavy threads run at idle priority
+        assert big_policy == os.SCHED_IDLE
+        assert small_policy != os.SCHED_IDLE
