@@ -592,12 +592,12 @@ CASES += [
         media="png",
     ),
     _c(
-        "amplify-batch-5000-empty-items",
+        "amplify-batch-of-empty-items",  # 5000 of them are refused before validation (LIMITS)
         "POST",
         BATCH,
         422,
-        "(and 9999 more problems; the detail lists the first 20)",
-        json={"evaluations": [{}] * 5000},
+        "(and 39 more problems; the detail lists the first 20)",
+        json={"evaluations": [{}] * 20},
     ),
     _c(
         "amplify-unknown-model-long-name",
@@ -707,7 +707,9 @@ CASES += [
 ]
 
 # 422s list at most 20 problems and count the rest, however many items are bad.
-for n in (21, 100, 5000):
+# Lists over max_batch_items (20 here) are refused by their count before their items are
+# validated (LIMITS); under it, the validation errors are capped: 20 listed, the rest counted.
+for n in (15, 20):
     CASES += [
         _c(
             f"amplify-batch-{n}-bad-items",
@@ -745,6 +747,24 @@ for n in (21, 100, 5000):
             json={"input": [None] * n, "labels": ["a"]},
             max_response_bytes=5_000,
         ),
+    ]
+for n in (21, 100, 5000):
+    CASES += [
+        _c(
+            f"amplify-{route}-{n}-bad-{what}",
+            "POST",
+            path,
+            422,
+            f"the request has {n} {what}; the limit is 20",
+            json=body,
+            max_response_bytes=500,
+        )
+        for route, path, what, body in (
+            ("batch", BATCH, "evaluations", {"evaluations": [{"image_input": 1}] * n}),
+            ("embeddings", EMB, "inputs", {"input": [None] * n}),
+            ("rank", RANK, "documents", {"query": "q", "documents": [None] * n}),
+            ("classify", CLASSIFY, "images", {"input": [None] * n, "labels": ["a"]}),
+        )
     ]
 CASES += [
     _c(
@@ -1389,6 +1409,34 @@ LIMITS = [
         {"evaluations": [{"image_input": "x", "text_prompt": "y"}] * 21},
         422,
         "the request has 21 evaluations; the limit is 20",
+    ),
+    (
+        "batch-over-limit-items-unvalidated",
+        BATCH,
+        {"evaluations": [{}] * 5000},
+        422,
+        "the request has 5000 evaluations; the limit is 20",
+    ),
+    (
+        "embeddings-over-limit-items-unvalidated",
+        EMB,
+        {"input": [{"bogus": 1}] * 5000},
+        422,
+        "the request has 5000 inputs; the limit is 20",
+    ),
+    (
+        "rank-over-limit-items-unvalidated",
+        RANK,
+        {"query": "q", "documents": [None] * 5000},
+        422,
+        "the request has 5000 documents; the limit is 20",
+    ),
+    (
+        "classify-over-limit-items-unvalidated",
+        CLASSIFY,
+        {"input": [7] * 5000, "labels": ["a"]},
+        422,
+        "the request has 5000 images; the limit is 20",
     ),
     (
         "embeddings-over-limit",
@@ -2190,7 +2238,7 @@ FETCH_CASES += [
         "POST",
         EMB,
         422,
-        "more problems; the detail lists the first 20)",
+        "the request has 5000 inputs; the limit is 20",
         json={"input": [None] * 5000},
         max_rss_growth=MEMORY,
     ),

@@ -264,12 +264,41 @@ async def input_budget(request: Request) -> InputBudget:
     caller: str | None = getattr(request.state, "caller", None)
 
     async def admit(n: int, what: str) -> None:
-        if n > limit:
-            raise InvalidInputError(
-                f"the request has {n} {what}; the limit is {limit}",
-                detail={"max_batch_items": limit},
-            )
+        _check_count(n, what, limit)
         if caller is not None:
             await security.limiter.charge(caller, "items", n)
 
     return admit
+
+
+def _check_count(n: int, what: str, limit: int) -> None:
+    if n > limit:
+        raise InvalidInputError(
+            f"the request has {n} {what}; the limit is {limit}",
+            detail={"max_batch_items": limit},
+        )
+
+
+def counted_before_validation(
+    field: str, what: str | None = None
+) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency that refuses a JSON body whose list ``field`` holds more than
+    ``server.max_batch_items`` entries before the body is validated: FastAPI has parsed the JSON
+    (Starlette keeps it on the request, so this reads it for free) but solves dependencies before
+    it validates the body, and validating 5000 items to refuse them costs 30 ms of CPU and a
+    list of 10,000 errors. The route still admits the count it validated (``InputsDep``); ``what``
+    names the items in the error (default: ``field``)."""
+
+    async def check(request: Request) -> None:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return
+        try:
+            body = await request.json()
+        except ValueError:  # FastAPI answers a body that is not JSON itself
+            return
+        items = body.get(field) if isinstance(body, dict) else None
+        if isinstance(items, list):
+            limit = request.app.state.settings.server.max_batch_items
+            _check_count(len(items), what or field, limit)
+
+    return check

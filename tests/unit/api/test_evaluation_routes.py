@@ -181,6 +181,13 @@ async def test_batch_limits(
     assert response.json()["error"] == "the request has 3 evaluations; the limit is 2"
     empty = await client.post(BATCH, json={"evaluations": []})
     assert empty.status_code == 422
+    # Counted before the items are validated: one error, not two per item.
+    broken = await client.post(BATCH, json={"evaluations": [{}] * 5000})
+    assert broken.status_code == 422
+    assert broken.json() == {
+        "error": "the request has 5000 evaluations; the limit is 2",
+        "detail": {"max_batch_items": 2},
+    }
     bad_size = await client.post(BATCH, json={"evaluations": [item], "batch_size": 0})
     assert bad_size.status_code == 422
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.inputs import ImageItem
@@ -17,6 +17,7 @@ from clipserve.api.schemas.retrieval import (
     ClassifyResponse,
     LabelResult,
 )
+from clipserve.api.security import counted_before_validation
 from clipserve.api.uploads import (
     FILES_FIELD,
     TEXT_FIELD,
@@ -68,7 +69,12 @@ async def _classify(
     )
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_MULTIPART)
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_MULTIPART,
+    dependencies=[Depends(counted_before_validation("input", "images"))],
+)
 async def classify(
     body: ClassifyRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
 ) -> ClassifyResponse:

@@ -6,7 +6,7 @@ import base64
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.errors import OpenAIRoute
@@ -20,6 +20,7 @@ from clipserve.api.schemas.embeddings import (
     Usage,
 )
 from clipserve.api.schemas.inputs import to_content
+from clipserve.api.security import counted_before_validation
 from clipserve.api.uploads import read_uploads
 from clipserve.engine.tasks.embed import Content, Embeddings
 from clipserve.errors import InvalidInputError
@@ -78,7 +79,11 @@ async def embed(
     return EmbedResponse(embedding=embedded.vectors[0].tolist(), model=embedded.model)
 
 
-@openai_router.post("/v1/embeddings", response_model=EmbeddingsResponse)
+@openai_router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingsResponse,
+    dependencies=[Depends(counted_before_validation("input", "inputs"))],
+)
 async def create_embeddings(
     body: EmbeddingsRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
 ) -> EmbeddingsResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from clipserve.api.deps import CallerDep, EngineDep, InputsDep, MetricsDep
 from clipserve.api.schemas.evaluation import (
@@ -14,6 +14,7 @@ from clipserve.api.schemas.evaluation import (
     EvaluationRequest,
     EvaluationResponse,
 )
+from clipserve.api.security import counted_before_validation
 from clipserve.engine.core import prefetch_window
 from clipserve.engine.encoder import UNPAIRED_SURROGATE
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
@@ -55,7 +56,11 @@ async def evaluate_single(
     return _response(body, result, engine.settings.server.max_prompt_chars)
 
 
-@router.post("/batch", response_model=BatchEvaluationResponse)
+@router.post(
+    "/batch",
+    response_model=BatchEvaluationResponse,
+    dependencies=[Depends(counted_before_validation("evaluations"))],
+)
 async def evaluate_batch(
     body: BatchEvaluationRequest,
     engine: EngineDep,

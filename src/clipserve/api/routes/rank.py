@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.schemas.embeddings import Usage
 from clipserve.api.schemas.inputs import to_content
 from clipserve.api.schemas.retrieval import RankRequest, RankResponse, RankResult
+from clipserve.api.security import counted_before_validation
 from clipserve.api.uploads import (
     FILE_FIELD,
     FILES_FIELD,
@@ -79,7 +80,12 @@ async def _rank(
     )
 
 
-@router.post("/v1/rank", response_model=RankResponse, openapi_extra=_MULTIPART)
+@router.post(
+    "/v1/rank",
+    response_model=RankResponse,
+    openapi_extra=_MULTIPART,
+    dependencies=[Depends(counted_before_validation("documents"))],
+)
 async def rank(
     body: RankRequest, engine: EngineDep, caller: CallerDep, inputs: InputsDep
 ) -> RankResponse:
