@@ -183,6 +183,50 @@ async def test_evaluate_one_raises_the_items_error(
         await engine.evaluate_one(EvalItem(data_uri(b"junk"), "x"))
 
 
+async def test_a_pair_whose_prompt_is_refused_skips_its_image(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    images: dict[str, str],
+) -> None:
+    loader = FakeLoader()
+    engine = engine_for(make_settings(), loader)
+    with pytest.raises(InvalidInputError, match="limit is 10000"):
+        await engine.evaluate_one(EvalItem(images["astronaut"], "x" * 20_000))
+    backend = loader.loaded["fake-fast"]
+    assert sum(backend.forwards("image")) == 0  # refused at once: its image is never encoded
+    # A batch with one good pair still encodes both sides of it, and only of it.
+    bad_text = EvalItem(images["coffee"], "y" * 20_000)
+    results = await engine.evaluate([EvalItem(images["astronaut"], "ok"), bad_text])
+    assert results[0].score is not None
+    assert isinstance(results[1].error, InvalidInputError)
+    assert sum(backend.forwards("text")) == 1
+    assert sum(backend.forwards("image")) == 2  # not every text failed: both images
+    assert (await engine.evaluate_one(EvalItem(images["chelsea"], "a cat"))).score is not None
+
+
+async def test_an_exception_on_one_side_cancels_the_other_and_propagates() -> None:
+    from clipserve.engine.tasks.evaluate import _both_sides
+
+    other_started, other_cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> dict[str, Any]:
+        other_started.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            other_cancelled.set()
+            raise
+        return {}
+
+    async def broken() -> dict[str, Any]:
+        await other_started.wait()
+        raise RuntimeError("a bug in one side")
+
+    with pytest.raises(RuntimeError, match="a bug in one side"):
+        await asyncio.wait_for(_both_sides(slow(), broken()), 5)
+    assert other_cancelled.is_set()
+
+
 async def test_progress_reaches_the_total(
     make_settings: Callable[..., Settings],
     engine_for: Callable[..., Engine],

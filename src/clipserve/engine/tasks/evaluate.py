@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,6 +61,36 @@ def _item_problem(item: EvalItem) -> ClipServeError | None:
     if not item.text.strip():
         return InvalidInputError("text_prompt is empty")
     return None
+
+
+async def _both_sides(
+    images: Coroutine[Any, Any, ImageOutcomes], texts: Coroutine[Any, Any, TextOutcomes]
+) -> tuple[ImageOutcomes, TextOutcomes]:
+    """The image and text outcomes of a group, prepared and encoded concurrently. When every
+    outcome of the side that ends first is an error, no pair can be scored: the other side is
+    cancelled (its inputs leave the queues unencoded) and comes back empty. An exception of either
+    side cancels the other before it propagates; neither task outlives the call."""
+    image_task, text_task = asyncio.ensure_future(images), asyncio.ensure_future(texts)
+    sides: tuple[asyncio.Future[Any], asyncio.Future[Any]] = (image_task, text_task)
+    try:
+        pending: set[asyncio.Future[Any]] = set(sides)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for side in done:
+                outcomes: Mapping[str, object] = side.result()  # an exception propagates
+                if pending and all(isinstance(v, ClipServeError) for v in outcomes.values()):
+                    for other in pending:
+                        other.cancel()
+                    await asyncio.wait(pending)
+                    pending = set()
+        return (
+            {} if image_task.cancelled() else image_task.result(),
+            {} if text_task.cancelled() else text_task.result(),
+        )
+    finally:
+        for side in sides:
+            side.cancel()
+        await asyncio.gather(*sides, return_exceptions=True)
 
 
 class Evaluation:
@@ -130,11 +161,9 @@ class Evaluation:
             reported += per_key[key]
             progress.advance(per_key[key])
 
-        images: ImageOutcomes = {}
-        texts: TextOutcomes = {}
         try:
             async with core.serving(name, ("image", "text"), scope) as handle:
-                images, texts = await asyncio.gather(
+                images, texts = await _both_sides(
                     core.encoder.images(handle, refs, scope, on_done=image_done),
                     core.encoder.texts(handle, [it.text for it in items], scope),
                 )
@@ -142,16 +171,17 @@ class Evaluation:
             progress.advance(len(items) - reported)
             elapsed = (time.perf_counter() - started) * 1000
             return [self._failed(name, exc, elapsed) for _ in items]
+        progress.advance(len(items) - reported)  # images not encoded: their texts all failed
         elapsed = (time.perf_counter() - started) * 1000
         out: list[EvalResult | None] = [None] * len(items)
         ok: list[tuple[int, torch.Tensor, TextOutcome]] = []
         for i, (ref, item) in enumerate(zip(refs, items, strict=True)):
-            image, text = images[ref.key], texts[item.text]
+            image, text = images.get(ref.key), texts.get(item.text)
             if isinstance(image, ClipServeError):
                 out[i] = self._failed(name, image, elapsed)
             elif isinstance(text, ClipServeError):
                 out[i] = self._failed(name, text, elapsed)
-            else:
+            elif image is not None and text is not None:  # a side is cut only if all of it failed
                 ok.append((i, image, text))
         if ok:  # one score computation for the whole group
             scores = clip_scores(
