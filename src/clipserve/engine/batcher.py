@@ -137,6 +137,9 @@ class QueueStats:
     """Event-loop time of the last failed input."""
     running_for_s: float = 0.0
     """How long the oldest batch in flight has been running."""
+    probed_batch_size: int | None = None
+    """What the start-up probe found fits the device's free memory; None without a probe (the
+    CPU), before it ends, or when it failed."""
 
 
 class BatchQueue(Generic[P, R]):
@@ -183,6 +186,7 @@ class BatchQueue(Generic[P, R]):
         self._running: dict[asyncio.Task[None], _Running[P, R]] = {}
         self._ready = asyncio.Event()
         self._probing = False
+        self.probed_batch_size: int | None = None
         self._closing = False
         self.batches = 0
         self.items_done = 0
@@ -431,6 +435,7 @@ class BatchQueue(Generic[P, R]):
         except Exception:
             logger.exception("batcher %s/%s: batch size probe failed", self.model, self.modality)
         else:
+            self.probed_batch_size = safe
             if safe < self.max_batch_size:
                 logger.info(
                     "batcher %s/%s: max batch size %d -> %d (probed from free device memory)",
@@ -442,6 +447,10 @@ class BatchQueue(Generic[P, R]):
                 self.max_batch_size = max(1, safe)
         finally:
             self._ready.set()
+
+    async def wait_probed(self) -> None:
+        """Until the start-up probe has run (at once when there is none)."""
+        await self._ready.wait()
 
     def _is_live(self, item: _Item[P, R], now: float) -> bool:
         if item.future.cancelled():
@@ -647,6 +656,7 @@ class BatchQueue(Generic[P, R]):
             last_error=self.last_error,
             last_failure_at=self.last_failure_at,
             running_for_s=0.0 if oldest is None else now - oldest,
+            probed_batch_size=self.probed_batch_size,
         )
 
 

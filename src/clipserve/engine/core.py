@@ -32,7 +32,9 @@ from clipserve.engine.batcher import (
 from clipserve.engine.encoder import Encoder, Scope
 from clipserve.engine.executor import Executors, cpu_workers
 from clipserve.engine.registry import BackendLoader, ModelHandle, ModelRegistry, ModelState
+from clipserve.engine.warmup import Warmup, WarmupReport
 from clipserve.errors import (
+    EngineNotReadyError,
     InvalidInputError,
     ModelNotFoundError,
     UnsupportedModalityError,
@@ -89,6 +91,9 @@ class EngineCore:
             on_load=self.encoder.build_queues,
             on_unload=self.batcher.discard,
         )
+        self._warmup = Warmup(
+            self.registry, self.metrics, timeout_s=settings.batching.request_timeout
+        )
         self.started_at = time.time()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -121,6 +126,14 @@ class EngineCore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def warm_up(self, names: Sequence[str] | None = None) -> list[WarmupReport]:
+        """Dummy forward passes through ``names`` (loaded first if needed; default: every loaded
+        model), one model after another. An unknown name raises ``ModelNotFoundError`` before any
+        work; a model that fails has the reason in its report (:mod:`clipserve.engine.warmup`)."""
+        if not self.batcher.accepting:
+            raise EngineNotReadyError("the server is shutting down and accepts no new work")
+        return await self._warmup.run(names)
 
     def resolve_model(self, name: str | None) -> str:
         return name or self.settings.default_model

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,7 +38,7 @@ from clipserve.errors import (
 )
 from clipserve.media import ImageInput, ImageLoader
 from clipserve.media.budget import PixelWindow
-from clipserve.models.base import Modality, TokenizedTexts
+from clipserve.models.base import Backend, Modality, TokenizedTexts
 from clipserve.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,23 @@ def text_problem(text: str, max_chars: int) -> InvalidInputError | None:
     return None
 
 
+def dummy_forward(backend: Backend, modality: Modality) -> Callable[[int], object]:
+    """``forward(n)``: one forward pass of ``n`` worst-case dummy inputs (blank images, texts
+    filling the context), on the device thread; the batch size probe and the warm-up run it."""
+    if modality == "image":
+        size = backend.info.image_size or 224
+
+        def images(n: int) -> object:
+            return backend.encode_images(torch.zeros(n, 3, size, size))
+
+        return images
+
+    def texts(n: int) -> object:
+        return backend.encode_texts(backend.tokenize([_PROBE_TEXT] * n))
+
+    return texts
+
+
 class Encoder:
     def __init__(
         self,
@@ -140,9 +158,7 @@ class Encoder:
         backend = handle.backend
         run: Callable[[Any], Any]
         prepare: Callable[[list[Any]], Any] | None
-        dummy: Callable[[int], object]
         if modality == "image":
-            size = backend.info.image_size or 224
 
             def run(pixels: list[torch.Tensor]) -> torch.Tensor:
                 # Stacked on the device thread: a torch op elsewhere would start an OpenMP team
@@ -150,9 +166,6 @@ class Encoder:
                 return backend.encode_images(torch.stack(pixels))
 
             prepare = None
-
-            def dummy(n: int) -> object:
-                return backend.encode_images(torch.zeros(n, 3, size, size))
 
         else:
 
@@ -165,10 +178,13 @@ class Encoder:
 
             prepare = backend.tokenize
 
-            def dummy(n: int) -> object:
-                return backend.encode_texts(backend.tokenize([_PROBE_TEXT] * n))
-
         limit = self._settings.batching.max_batch_size
+        # Probed on CUDA only: elsewhere batch sizes are what the settings say (see capacity).
+        probe = (
+            partial(probe_batch_size, handle.device, dummy_forward(backend, modality), limit)
+            if handle.device.startswith("cuda")
+            else None
+        )
         return self._batcher.queue(
             handle,
             model=handle.name,
@@ -177,7 +193,7 @@ class Encoder:
             device_executor=handle.executor,
             run=run,
             prepare=prepare,
-            probe=lambda: probe_batch_size(handle.device, dummy, limit),
+            probe=probe,
         )
 
     async def admit(

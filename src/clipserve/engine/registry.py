@@ -93,6 +93,9 @@ class ModelHandle:
     leases: int = 0
     retired: bool = False
     closed: bool = False
+    warmup_time_s: float | None = None
+    """How long the last warm-up of this load took (:mod:`clipserve.engine.warmup`)."""
+    warmed_up_at: float | None = None
 
     @property
     def info(self) -> BackendInfo:
@@ -126,6 +129,8 @@ class ModelStatus:
     error: str | None = None
     info: BackendInfo | None = None
     in_flight: int = 0
+    warmup_time_s: float | None = None
+    warmed_up_at: float | None = None
 
     @property
     def loaded(self) -> bool:
@@ -196,6 +201,8 @@ class ModelRegistry:
             error=entry.error,
             info=info,
             in_flight=handle.leases if handle else 0,
+            warmup_time_s=handle.warmup_time_s if handle else None,
+            warmed_up_at=handle.warmed_up_at if handle else None,
         )
 
     def statuses(self, *, include_disabled: bool = False) -> list[ModelStatus]:

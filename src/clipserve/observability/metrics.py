@@ -73,6 +73,12 @@ class Metrics:
             "Seconds the last successful load of each model took",
             ["model"],
         )
+        self.model_warmup_time_seconds = self._add(
+            Gauge,
+            "clipserve_model_warmup_time_seconds",
+            "Seconds the last successful warm-up (POST /api/v1/warmup) of each model took",
+            ["model"],
+        )
         self.evaluation_errors_total = self._add(
             Counter,
             "evaluation_errors_total",

@@ -1,7 +1,9 @@
-"""Facts about the machine: GPU memory (when CUDA is present)."""
+"""Facts about the machine: GPU memory (when CUDA is present), the backend libraries installed."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,3 +37,16 @@ def gpu_memory() -> list[GpuMemory] | None:
             )
         )
     return out
+
+
+BACKEND_PACKAGES = ("open_clip", "transformers", "sentence_transformers")
+"""The libraries behind the ``open_clip``, ``hf`` and ``sentence-transformers`` backends."""
+
+
+def backend_packages() -> dict[str, bool]:
+    """Whether each backend library is imported already or can be (found on the path; not
+    imported here: importing transformers takes seconds)."""
+    return {
+        name: name in sys.modules or importlib.util.find_spec(name) is not None
+        for name in BACKEND_PACKAGES
+    }

@@ -1,18 +1,40 @@
-"""GET /v1/system/status: service facts."""
+"""Service facts and warm-up: GET /v1/system/status, GET /api/v1/capabilities and
+POST /api/v1/warmup."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import platform
 import time
 
+import PIL
 import torch
 from fastapi import APIRouter
 
 from clipserve import __version__
 from clipserve.api.deps import EngineDep
 from clipserve.api.routes.health import describe_device
-from clipserve.api.schemas.system import StatusResponse
-from clipserve.engine.registry import ModelState
+from clipserve.api.schemas.system import (
+    CapabilitiesResponse,
+    GpuMemory,
+    ModelCapabilities,
+    ModelWarmup,
+    QueueCapabilities,
+    StatusResponse,
+    WarmupPass,
+    WarmupRequest,
+    WarmupResponse,
+)
+from clipserve.config import Settings
+from clipserve.engine.batcher import QueueStats
+from clipserve.engine.registry import ModelState, ModelStatus
+from clipserve.engine.warmup import WarmupReport
+from clipserve.errors import ModelLoadError
+from clipserve.models.loader import dtype_name, resolve_device, resolve_dtype
+from clipserve.observability.system import backend_packages, gpu_memory
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["system"])
 
@@ -45,4 +67,109 @@ async def status(engine: EngineDep) -> StatusResponse:
             "max_prompt_chars": settings.server.max_prompt_chars,
             "fetch_timeout_s": media.fetch_timeout_s,
         },
+    )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _model_warmup(report: WarmupReport) -> ModelWarmup:
+    return ModelWarmup(
+        model=report.model,
+        status="error" if report.error else "ok",
+        device=report.device,
+        modalities=list(report.modalities),
+        passes=[
+            WarmupPass(
+                modality=p.modality,
+                batch_size=p.batch_size,
+                duration_ms=round(p.duration_s * 1000, 3),
+            )
+            for p in report.passes
+        ],
+        duration_ms=round(report.duration_s * 1000, 3),
+        error=report.error,
+    )
+
+
+@router.post("/api/v1/warmup", response_model=WarmupResponse)
+async def warmup(engine: EngineDep, body: WarmupRequest | None = None) -> WarmupResponse:
+    """Dummy forward passes (batch 1 and the queue's max batch size, per modality) through the
+    named models, loading them first if needed; no body: every loaded model. A model that fails
+    has its `error` (the request still answers 200); an unknown model is a 404."""
+    started = time.perf_counter()
+    reports = await engine.warm_up(body.models if body else None)
+    return WarmupResponse(
+        models=[_model_warmup(r) for r in reports],
+        total_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+def _default_device(settings: Settings) -> tuple[str, str | None]:
+    """The service's default device and the dtype weights get there (unless a spec says)."""
+    try:
+        device = resolve_device(settings.device)
+    except ModelLoadError:
+        return describe_device(settings.device), None
+    return device, dtype_name(resolve_dtype(device, None, settings.cuda_precision))
+
+
+def _gpus() -> list[GpuMemory] | None:
+    try:
+        gpus = gpu_memory()
+    except Exception:  # a driver hiccup must not fail the report
+        logger.warning("could not read GPU memory", exc_info=True)
+        return None
+    return [GpuMemory(**dataclasses.asdict(g)) for g in gpus] if gpus is not None else None
+
+
+def _model_capabilities(status: ModelStatus, queues: list[QueueStats]) -> ModelCapabilities:
+    info = status.info
+    assert info is not None  # loaded
+    by_modality = {q.modality: q for q in queues if q.model == status.name}  # the newest wins
+    return ModelCapabilities(
+        name=status.name,
+        backend=info.backend,
+        architecture=info.architecture,
+        device=info.device,
+        dtype=info.dtype,
+        modalities=sorted(info.modalities),
+        queues=[
+            QueueCapabilities(
+                modality=q.modality,
+                max_batch_size=q.max_batch_size,
+                probed_batch_size=q.probed_batch_size,
+            )
+            for _, q in sorted(by_modality.items())
+        ],
+        load_time_ms=_ms(status.load_time_s),
+        warmup_time_ms=_ms(status.warmup_time_s),
+        warmed_up_at=status.warmed_up_at,
+    )
+
+
+@router.get("/api/v1/capabilities", response_model=CapabilitiesResponse)
+async def capabilities(engine: EngineDep) -> CapabilitiesResponse:
+    """What this server runs on and with: device, dtype, runtime, batch sizes per queue, image
+    decoder, backend libraries, torch and CUDA (GPU memory per device), and per loaded model its
+    device, dtype, queues and load and warm-up times."""
+    settings = engine.settings
+    device, dtype = _default_device(settings)
+    queues = list(engine.batcher.stats().queues)
+    return CapabilitiesResponse(
+        device=device,
+        dtype=dtype,
+        pillow_version=PIL.__version__,
+        backends=backend_packages(),
+        torch_version=torch.__version__,
+        cuda_available=torch.cuda.is_available(),
+        cuda_version=torch.version.cuda,
+        gpu=_gpus(),
+        max_batch_size=settings.batching.max_batch_size,
+        models=[
+            _model_capabilities(s, queues)
+            for s in engine.registry.statuses()
+            if s.loaded and s.info is not None
+        ],
     )

@@ -1,10 +1,10 @@
-"""HTTP schemas of health and status."""
+"""HTTP schemas of health, status, warm-up and capabilities."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GpuMemory(BaseModel):
@@ -88,3 +88,74 @@ class ServiceHealth(BaseModel):
 class ReadyResponse(BaseModel):
     status: Literal["ready", "not_ready"]
     error: str | None = None
+
+
+# --- warm-up and capabilities -------------------------------------------------------------------
+
+
+class WarmupRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": ["fast"]}, {}]})
+
+    models: list[str] | None = Field(
+        default=None, description="Model config names; absent or empty: every loaded model."
+    )
+
+
+class WarmupPass(BaseModel):
+    modality: Literal["text", "image"]
+    batch_size: int
+    duration_ms: float
+
+
+class ModelWarmup(BaseModel):
+    model: str
+    status: Literal["ok", "error"]
+    device: str | None = None
+    modalities: list[Literal["text", "image"]] = Field(description="The queues warmed.")
+    passes: list[WarmupPass] = Field(description="Dummy forward passes run, in order.")
+    duration_ms: float
+    error: str | None = Field(default=None, description="Why this model failed to warm up.")
+
+
+class WarmupResponse(BaseModel):
+    models: list[ModelWarmup]
+    total_ms: float
+
+
+class QueueCapabilities(BaseModel):
+    modality: str
+    max_batch_size: int = Field(description="Current limit (lowered after out-of-memory).")
+    probed_batch_size: int | None = Field(
+        description="What the start-up probe found fits the device's free memory (CUDA only)."
+    )
+
+
+class ModelCapabilities(BaseModel):
+    name: str
+    backend: str
+    architecture: str
+    device: str
+    dtype: str
+    runtime: Literal["eager"] = "eager"
+    compiled: bool = False
+    modalities: list[str]
+    queues: list[QueueCapabilities]
+    load_time_ms: float | None = None
+    warmup_time_ms: float | None = Field(default=None, description="Of the last warm-up.")
+    warmed_up_at: float | None = Field(default=None, description="Unix time of the last warm-up.")
+
+
+class CapabilitiesResponse(BaseModel):
+    device: str = Field(description="The service's default device.")
+    dtype: str | None = Field(description="Weights' dtype on it unless a model overrides it.")
+    runtime: Literal["eager"] = Field(default="eager", description="No torch.compile, no ONNX.")
+    compiled: bool = False
+    image_decoder: Literal["pillow"] = "pillow"
+    pillow_version: str
+    backends: dict[str, bool] = Field(description="Which backend libraries are installed.")
+    torch_version: str
+    cuda_available: bool
+    cuda_version: str | None
+    gpu: list[GpuMemory] | None = Field(description="Per CUDA device; null without CUDA.")
+    max_batch_size: int = Field(description="Configured items per forward pass.")
+    models: list[ModelCapabilities] = Field(description="Loaded models.")
