@@ -104,6 +104,15 @@ class ModelSpec(BaseModel):
     precision: Precision | None = Field(
         default=None, description="fp32 on CPU and the service's cuda_precision on CUDA when unset"
     )
+    preprocess: Literal["exact", "fast"] = Field(
+        default="exact",
+        description=(
+            "'exact': the model's own preprocessing of the fully decoded image; 'fast': JPEGs "
+            "are decoded at the smallest DCT scale (1/2, 1/4, 1/8) still at least the model's "
+            "input size on both sides, then preprocessed as usual (a few times faster on large "
+            "photos; scores move slightly, see `clipserve bench --optimizations`)"
+        ),
+    )
     matryoshka_dims: tuple[int, ...] = Field(
         default=(),
         description=(

@@ -248,6 +248,7 @@ class Encoder:
                 handle.backend.preprocess,
                 window=scope.pixels,
                 timeout=scope.deadline - asyncio.get_running_loop().time(),
+                draft=handle.info.image_size if handle.spec.preprocess == "fast" else None,
             )
             self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
                 time.perf_counter() - started

@@ -107,6 +107,19 @@ def finish_image(image: ImageFile.ImageFile, *, detach: bool = True) -> Image.Im
     return image.copy() if detach and rgb is image else rgb
 
 
+JPEG_FORMATS: Final[frozenset[str]] = frozenset({"JPEG", "MPO"})
+"""The formats whose decoder can scale down while it decodes (by 1/2, 1/4 or 1/8, in the DCT)."""
+
+
+def draft_jpeg(image: ImageFile.ImageFile, side: int) -> None:
+    """Before :func:`finish_image`: have a JPEG decoded at the smallest DCT scale that still gives
+    at least ``side`` pixels on both sides (so a model's shortest-side resize to ``side`` only
+    ever shrinks). The header's ``size`` becomes the smaller one. Other formats, and JPEGs under
+    twice ``side``, are left as they are."""
+    if image.format in JPEG_FORMATS and min(image.size) >= 2 * side:
+        image.draft(image.mode, (side, side))
+
+
 def prepare_image(image: Image.Image, limits: MediaSettings) -> Image.Image:
     """Make a caller-supplied PIL image safe to use: pixel limit, EXIF orientation, RGB.
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from clipserve.config import MediaSettings
 from clipserve.media.budget import PixelBudget, PixelWindow, Reservation
-from clipserve.media.decode import finish_image, open_image, prepare_image
+from clipserve.media.decode import draft_jpeg, finish_image, open_image, prepare_image
 from clipserve.media.fetch import UrlFetcher
 from clipserve.media.source import (
     ImageInput,
@@ -82,12 +82,16 @@ def _decode_job(
     transform: Callable[[Image.Image], Any] | None,
     reserve: Callable[[], AbstractContextManager[Reservation]],
     heavy_above: int | None,
+    draft: int | None,
 ) -> _Decoded[Any] | _Heavy:
     """Read (a data URI, a file), decode and transform one image: the loader's one executor job.
     For a URL, ``value`` is the body already downloaded. The pixels are decoded only once the
     header has been read and its ``width * height`` taken from the reservation, and are freed
-    before it ends (only ``transform``'s result, such as a tensor, outlives the job). An encoded
-    image over ``heavy_above`` pixels is handed back undecoded (:class:`_Heavy`)."""
+    before it ends (only ``transform``'s result, such as a tensor, outlives the job). With
+    ``draft``, a JPEG is decoded at the smallest scale still ``draft`` pixels on both sides
+    (:func:`~clipserve.media.decode.draft_jpeg`), and its size is counted after that. An encoded
+    image over ``heavy_above`` pixels (as it will be decoded) is handed back undecoded
+    (:class:`_Heavy`)."""
     started = time.perf_counter()
     read_seconds = 0.0
     with reserve() as reservation:
@@ -107,6 +111,8 @@ def _decode_job(
                 read_seconds = time.perf_counter() - started
             num_bytes = len(data)
             with open_image(data, settings) as header:
+                if draft is not None:
+                    draft_jpeg(header, draft)
                 pixels = header.width * header.height
                 if heavy_above is not None and pixels > heavy_above:
                     return _Heavy(data, read_seconds)
@@ -198,6 +204,7 @@ class ImageLoader:
         *,
         window: PixelWindow | None = None,
         timeout: float | None = None,
+        draft: int | None = None,
     ) -> LoadedImage[Image.Image]: ...
     @overload
     async def load(
@@ -207,6 +214,7 @@ class ImageLoader:
         *,
         window: PixelWindow | None = None,
         timeout: float | None = None,
+        draft: int | None = None,
     ) -> LoadedImage[T]: ...
 
     async def load(
@@ -216,12 +224,15 @@ class ImageLoader:
         *,
         window: PixelWindow | None = None,
         timeout: float | None = None,
+        draft: int | None = None,
     ) -> LoadedImage[Any]:
         """Fetch or read, decode and (optionally) ``transform`` ``value``; bad input raises a
         ``MediaError`` subclass (``transform``'s own errors propagate).
 
         The decode holds its pixels of the loader's budget and of ``window`` (a request's share,
-        from :meth:`window`), waiting up to ``timeout`` seconds for room."""
+        from :meth:`window`), waiting up to ``timeout`` seconds for room. ``draft``: decode JPEGs
+        at the smallest DCT scale still at least ``draft`` pixels on both sides (a model's input
+        size: its ``preprocess: fast``)."""
         kind = classify(value)
         until = None if timeout is None else time.monotonic() + timeout
         started = time.perf_counter()
@@ -241,11 +252,20 @@ class ImageLoader:
             transform,
             reserve,
             settings.heavy_image_pixels,
+            draft,
         )
         if isinstance(decoded, _Heavy):
             read_seconds = decoded.read_seconds
             decoded = await loop.run_in_executor(
-                self._heavy, _decode_job, kind, decoded.data, settings, transform, reserve, None
+                self._heavy,
+                _decode_job,
+                kind,
+                decoded.data,
+                settings,
+                transform,
+                reserve,
+                None,
+                draft,
             )
             assert isinstance(decoded, _Decoded)
             decoded = dataclasses.replace(decoded, read_seconds=read_seconds)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,38 @@ async def test_an_exception_on_one_side_cancels_the_other_and_propagates() -> No
     with pytest.raises(RuntimeError, match="a bug in one side"):
         await asyncio.wait_for(_both_sides(slow(), broken()), 5)
     assert other_cancelled.is_set()
+
+
+async def test_preprocess_fast_decodes_jpegs_at_a_reduced_scale_for_that_model_only(
+    make_settings: Callable[..., Settings],
+    engine_for: Callable[..., Engine],
+    photos: dict[str, Any],
+) -> None:
+    buffer = io.BytesIO()
+    photos["coffee"].resize((2048, 1536)).save(buffer, format="JPEG")
+    uri = data_uri(buffer.getvalue())
+    loader = FakeLoader()
+    models = {"fast": {"model_name": "fake-fast", "preprocess": "fast"}}
+    engine = engine_for(make_settings(models), loader)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for name in ("fast", "accurate"):
+        await engine.evaluate_one(EvalItem(uri, "warm", model=name))  # loads the model
+        backend = loader.loaded[f"fake-{name}"]
+        sizes = seen.setdefault(name, [])
+
+        def recording(
+            image: Image.Image,
+            sizes: list[tuple[int, int]] = sizes,
+            preprocess: Callable[[Image.Image], torch.Tensor] = backend.preprocess,
+        ) -> torch.Tensor:
+            sizes.append(image.size)
+            return preprocess(image)
+
+        backend.preprocess = recording  # type: ignore[method-assign]
+        await engine.evaluate_one(EvalItem(uri, "a cup of coffee", model=name))
+    assert loader.loaded["fake-fast"].info.image_size == 8
+    assert seen["fast"] == [(256, 192)]  # 1/8, the smallest DCT scale (still >= 8 pixels)
+    assert seen["accurate"] == [(2048, 1536)]
 
 
 async def test_progress_reaches_the_total(

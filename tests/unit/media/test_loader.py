@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -292,3 +293,27 @@ async def test_huge_images_decode_on_low_priority_threads_and_small_ones_do_not(
     if hasattr(os, "SCHED_IDLE"):  # Linux: only the heavy threads run at idle priority
         assert big_policy == os.SCHED_IDLE
         assert small_policy != os.SCHED_IDLE
+
+
+async def test_draft_decodes_a_large_jpeg_at_the_smallest_scale_still_covering_the_size(
+    photos: dict[str, Any],
+) -> None:
+    big = photos["astronaut"].resize((2048, 1536))  # 3.1 Mpx
+    jpeg, png, small = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    big.save(jpeg, format="JPEG", quality=90)
+    big.save(png, format="PNG")
+    photos["astronaut"].resize((400, 300)).save(small, format="JPEG")
+    async with ImageLoader(MediaSettings()) as loader:
+        fast = await loader.load(jpeg.getvalue(), draft=224)
+        assert fast.image.size == (512, 384)  # 1/4: 1/8 would give 256 x 192, under 224
+        assert loader.pixels.peak == 512 * 384  # the budget counts what is really decoded
+        exact = await loader.load(jpeg.getvalue())
+        assert exact.image.size == (2048, 1536)
+        assert (await loader.load(png.getvalue(), draft=224)).image.size == (2048, 1536)
+        assert (await loader.load(small.getvalue(), draft=224)).image.size == (400, 300)
+        # Both sides stay >= the size, so a shortest-side resize to it only shrinks.
+        assert min((await loader.load(jpeg.getvalue(), draft=200)).image.size) >= 200
+    # The drafted image is the same picture: its downscale matches the exact one's closely.
+    a = np.asarray(exact.image.resize((224, 168), Image.Resampling.BICUBIC), dtype=np.float32)
+    b = np.asarray(fast.image.resize((224, 168), Image.Resampling.BICUBIC), dtype=np.float32)
+    assert float(np.abs(a - b).mean()) < 3.0  # of 255
