@@ -34,7 +34,7 @@ from pydantic_settings import (
 
 from clipserve.errors import ConfigError
 from clipserve.model_specs import (
-    Precision,
+    CudaPrecision,
     check_fields,
     is_config_name,
     json_type,
@@ -485,7 +485,10 @@ class Settings(BaseSettings):
         ),
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    cuda_precision: Precision = "fp16"
+    cuda_precision: CudaPrecision = Field(
+        default="fp16",
+        description="weights on CUDA unless a model's `precision` says: fp16, bf16 or fp32",
+    )
     preload: bool = False
     model_retry_interval_s: float = Field(
         default=30.0, ge=0, description="a model that failed to load is retried after this long"
@@ -503,6 +506,17 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("cuda_precision", mode="before")
+    @classmethod
+    def _check_cuda_precision(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "int8":
+            raise ValueError(
+                "cuda_precision cannot be 'int8': int8 (dynamic quantization) runs on the CPU "
+                "only; use fp16, bf16 or fp32 here, and `precision: int8` on the models that "
+                "run on the CPU"
+            )
         return value
 
     @field_validator("default_text_model")

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     from clipserve.config import Settings
 
 BackendName = Literal["open_clip", "hf", "sentence-transformers"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+"""A model's weights: ``int8`` is float32 weights whose ``torch.nn.Linear`` layers are dynamically
+quantized to int8 at load (CPU only; elsewhere it falls back, see ``resolve_dtype``)."""
+CudaPrecision = Literal["fp32", "fp16", "bf16"]
+"""The precisions a CUDA device runs: the service's ``cuda_precision``."""
 
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # open_clip's schemas (`parse_model_name`): config and weights come from a hub repo or a folder.
@@ -102,7 +106,13 @@ class ModelSpec(BaseModel):
         default=None, description="overrides the service device for this model"
     )
     precision: Precision | None = Field(
-        default=None, description="fp32 on CPU and the service's cuda_precision on CUDA when unset"
+        default=None,
+        description=(
+            "fp32 on CPU and the service's cuda_precision on CUDA when unset; 'int8': fp32 "
+            "weights with the Linear layers dynamically quantized to int8 (CPU only: the "
+            "service's cuda_precision on CUDA; faster, scores move slightly, see "
+            "`clipserve bench --optimizations`)"
+        ),
     )
     preprocess: Literal["exact", "fast"] = Field(
         default="exact",

@@ -275,6 +275,22 @@ def test_device_is_validated() -> None:
         Settings(device="tpu")
 
 
+def test_int8_is_a_model_precision_but_not_the_cuda_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ModelSpec(model_name="ViT-B-32", precision="int8").precision == "int8"
+    assert Settings().cuda_precision == "fp16"
+    assert Settings(cuda_precision="bf16").cuda_precision == "bf16"
+    with pytest.raises(ValidationError, match="cuda_precision cannot be 'int8'.*CPU only"):
+        Settings(cuda_precision="int8")
+    monkeypatch.setenv("CLIPSERVE_CUDA_PRECISION", "INT8")
+    with pytest.raises(ValidationError, match="cuda_precision cannot be 'int8'"):
+        Settings()
+    monkeypatch.setenv("CLIPSERVE_CUDA_PRECISION", "fp8")
+    with pytest.raises(ValidationError, match="'fp32', 'fp16' or 'bf16'"):
+        Settings()
+
+
 def test_batching_defaults() -> None:
     batching = Settings().batching
     assert batching.max_batch_size == 32

@@ -36,6 +36,12 @@ from clipserve.models.loader import (
     module_footprint,
     release_device_memory,
 )
+from clipserve.models.quantize import (
+    QUANTIZATION,
+    compute_dtype,
+    is_int8,
+    quantize_linear_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +104,7 @@ class HfClipBackend:
         self._tokenizer_lock = threading.Lock()
         self._architecture: HfArchitecture = architecture
         self._device = torch.device(device)
-        self._dtype = dtype
+        self._dtype = compute_dtype(dtype)
         config = model.config
         self._context_length = int(config.text_config.max_position_embeddings)
         self._logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
@@ -124,15 +130,18 @@ class HfClipBackend:
                 "model_name": name,
                 "model_type": str(config.model_type),
                 "image_preprocessing": preprocessing,
+                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
             },
         )
 
     @classmethod
     def load(cls, model_name: str, *, device: str, dtype: torch.dtype) -> HfClipBackend:
         """Load a CLIP or SigLIP model, its image processor and tokenizer from ``model_name``
-        (Hub id or directory). The architecture comes from the config's ``model_type``. Library
-        errors propagate (the loader explains them); unsupported model types and incomplete
-        processors raise ``ModelLoadError`` (naming the source by kind, not by path)."""
+        (Hub id or directory). The architecture comes from the config's ``model_type``.
+        :data:`~clipserve.models.quantize.INT8` loads float32 weights and quantizes the Linear
+        layers (CPU only: the loader's ``resolve_dtype`` sees to that). Library errors propagate
+        (the loader explains them); unsupported model types and incomplete processors raise
+        ``ModelLoadError`` (naming the source by kind, not by path)."""
         from transformers import AutoConfig, AutoProcessor, CLIPModel, SiglipModel
 
         config = AutoConfig.from_pretrained(model_name)
@@ -157,8 +166,11 @@ class HfClipBackend:
                 "text-only models)",
                 technical=f"model_type {model_type!r} in the config of {model_name!r}",
             )
-        model = model_cls.from_pretrained(model_name, dtype=dtype)
-        model.to(device=device, dtype=dtype)  # transformers < 4.56 ignores `dtype=`
+        weights = compute_dtype(dtype)
+        model = model_cls.from_pretrained(model_name, dtype=weights)
+        model.to(device=device, dtype=weights)  # transformers < 4.56 ignores `dtype=`
+        if is_int8(dtype):
+            quantize_linear_layers(model.eval())
         processor = AutoProcessor.from_pretrained(model_name)
         image_processor = getattr(processor, "image_processor", None)
         tokenizer = getattr(processor, "tokenizer", None)

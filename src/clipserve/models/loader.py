@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipserve.errors import ModelLoadError
+from clipserve.models.quantize import INT8, quantized_footprint
 
 if TYPE_CHECKING:
-    from clipserve.model_specs import ModelSpec, Precision
+    from clipserve.model_specs import CudaPrecision, ModelSpec, Precision
     from clipserve.models.base import Backend
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"})
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
-    {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": INT8}
 )
 _OFFLINE_ERRORS = frozenset(
     {
@@ -115,38 +116,60 @@ def resolve_device(requested: str) -> str:
     raise ModelLoadError(f"unknown device '{requested}' (use auto, cpu, mps, cuda or cuda:N)")
 
 
-def resolve_dtype(device: str, precision: Precision | None, cuda_default: Precision) -> torch.dtype:
-    """The weight dtype for a model on ``device``.
+def resolve_dtype(
+    device: str, precision: Precision | None, cuda_default: CudaPrecision
+) -> torch.dtype:
+    """The weight dtype for a model on ``device``: a real dtype, or
+    :data:`~clipserve.models.quantize.INT8` for ``precision: int8`` (float32 weights whose Linear
+    layers the backend quantizes).
 
-    CUDA: ``precision`` or else ``cuda_default``. CPU/MPS: ``precision`` or else fp32; fp16
-    asked for on the CPU falls back to fp32 with a warning (slow and inaccurate there); bf16 is
-    honoured.
+    CUDA: ``precision`` or else ``cuda_default``; int8 (CPU only) falls back to ``cuda_default``
+    with a warning. CPU/MPS: ``precision`` or else fp32; fp16 asked for on the CPU falls back to
+    fp32 with a warning (slow and inaccurate there), and so does int8 on MPS; bf16 is honoured.
     """
     if device.startswith("cuda"):
-        return _DTYPES[precision or cuda_default]
+        default = _DTYPES[cuda_default]
+        return _supported_dtype(device, _DTYPES[precision or cuda_default], cuda_default=default)
     return _supported_dtype(device, torch.float32 if precision is None else _DTYPES[precision])
 
 
-def _supported_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
-    """The one place of the CPU rule: fp16 weights on the CPU become fp32, with a warning."""
-    if dtype == torch.float16 and torch.device(device).type == "cpu":
+def _supported_dtype(
+    device: str, dtype: torch.dtype, *, cuda_default: torch.dtype = torch.float16
+) -> torch.dtype:
+    """The one place of the fallback rules, each with a warning: fp16 weights on the CPU become
+    fp32; int8 (dynamic quantization runs on the CPU only) becomes ``cuda_default`` on CUDA and
+    fp32 on other devices."""
+    kind = torch.device(device).type
+    if dtype == torch.float16 and kind == "cpu":
         logger.warning("fp16 is not supported on the CPU; using fp32 instead")
         return torch.float32
+    if dtype == INT8 and kind != "cpu":
+        fallback = cuda_default if kind == "cuda" else torch.float32
+        logger.warning(
+            "precision int8 (dynamic quantization) runs on the CPU only; using %s on %s instead",
+            dtype_name(fallback),
+            device,
+        )
+        return fallback
     return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``'float16'``."""
+    """``torch.float16`` -> ``'float16'``; :data:`~clipserve.models.quantize.INT8` -> ``'int8'``."""
+    if dtype == INT8:
+        return "int8"
     return str(dtype).removeprefix("torch.")
 
 
 def module_footprint(module: torch.nn.Module) -> tuple[int, int]:
-    """``(parameter count, bytes of parameters + buffers)`` of a module."""
+    """``(parameter count, bytes of parameters + buffers)`` of a module; the packed weights of
+    dynamically quantized Linear layers (int8, not parameters to torch) are counted as well."""
     params = list(module.parameters())
     count = sum(p.numel() for p in params)
     size = sum(p.numel() * p.element_size() for p in params)
     size += sum(b.numel() * b.element_size() for b in module.buffers())
-    return count, size
+    packed_count, packed_size = quantized_footprint(module)
+    return count + packed_count, size + packed_size
 
 
 def release_device_memory(device: torch.device | str) -> None:
@@ -371,7 +394,9 @@ def explain_load_failure(spec: ModelSpec, model_name: str, exc: BaseException) -
 
 def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend:
     """Load ``spec`` on ``device`` (already resolved, e.g. by :func:`resolve_device`) in ``dtype``
-    (normally from :func:`resolve_dtype`; its CPU rule also guards callers that pass fp16).
+    (normally from :func:`resolve_dtype`; its fallback rules also guard callers that pass fp16 for
+    the CPU or :data:`~clipserve.models.quantize.INT8` for another device). With ``INT8`` the
+    backend loads float32 weights and quantizes its Linear layers (``precision: int8``).
 
     Raises :class:`ModelLoadError` for every failure (bad path, no network, unknown architecture,
     corrupt checkpoint, out of memory...): a client-safe ``message``, the full cause in

@@ -31,6 +31,13 @@ from clipserve.models.loader import (
     module_footprint,
     release_device_memory,
 )
+from clipserve.models.quantize import (
+    QUANTIZATION,
+    QUANTIZED_LINEAR,
+    compute_dtype,
+    is_int8,
+    quantize_linear_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +271,28 @@ def _encode_text_trimmed(model: Any, ids: torch.Tensor) -> torch.Tensor:
     if projection is None:
         return pooled
     projected: torch.Tensor = (
-        projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+        projection(pooled) if isinstance(projection, torch.nn.Module) else pooled @ projection
     )
     return projected
+
+
+def _quantize(model: Any) -> Any:
+    """``precision: int8`` for an open_clip model (float32, on the CPU): its Linear layers
+    quantized, but for ``text_projection`` layers (open_clip calls them only when they are an
+    ``nn.Linear``, else multiplies by them). Each quantized layer gets open_clip's own
+    ``int8_original_dtype`` (its bitsandbytes hook), which ``get_cast_dtype`` reads instead of
+    the weight's dtype (a quantized layer's ``weight`` is a method)."""
+    keep = [
+        name
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] == "text_projection" and type(module) is torch.nn.Linear
+    ]
+    quantize_linear_layers(model, keep=keep)
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_LINEAR):
+            layer: Any = module  # an attribute torch.nn.Module's typing does not know
+            layer.int8_original_dtype = torch.float32
+    return model
 
 
 class OpenClipBackend:
@@ -289,7 +315,7 @@ class OpenClipBackend:
         self._tokenizer_lock = threading.Lock()
         self._count_tokens = _token_counter(tokenizer)
         self._device = torch.device(device)
-        self._dtype = dtype
+        self._dtype = compute_dtype(dtype)
         self._context_length = int(getattr(tokenizer, "context_length", None) or 77)
         bias = getattr(model, "logit_bias", None)
         self._logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
@@ -310,7 +336,11 @@ class OpenClipBackend:
             image_size=None if image_size is None else int(image_size),
             parameter_count=params,
             memory_bytes=memory,
-            extra={"model_name": name, "tokenizer": type(tokenizer).__name__},
+            extra={
+                "model_name": name,
+                "tokenizer": type(tokenizer).__name__,
+                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
+            },
         )
 
     def _probe_embed_dim(self) -> int:
@@ -325,7 +355,9 @@ class OpenClipBackend:
     def load(
         cls, model_name: str, pretrained: str | None, *, device: str, dtype: torch.dtype
     ) -> OpenClipBackend:
-        """Create the model (config, weights, transforms, tokenizer) on ``device`` in ``dtype``.
+        """Create the model (config, weights, transforms, tokenizer) on ``device`` in ``dtype``;
+        :data:`~clipserve.models.quantize.INT8` loads float32 weights and quantizes the Linear
+        layers (CPU only: the loader's ``resolve_dtype`` sees to that).
 
         ``model_name``: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo`` or
         ``local-dir:/path``. ``pretrained``: an open_clip tag, a checkpoint file,
@@ -336,12 +368,16 @@ class OpenClipBackend:
         import open_clip
 
         name, weights = resolve_open_clip_source(model_name, pretrained)
-        precision = _PRECISION.get(dtype)
+        precision = _PRECISION.get(compute_dtype(dtype))
         if precision is None:
-            raise ModelLoadError(f"unsupported dtype {dtype} (use float32, float16 or bfloat16)")
+            raise ModelLoadError(
+                f"unsupported dtype {dtype} (use float32, float16, bfloat16 or int8)"
+            )
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, precision=precision, device=device
         )
+        if is_int8(dtype):
+            model = _quantize(model.eval())
         tokenizer = open_clip.get_tokenizer(name)
         if weights is None and not name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
             logger.warning(

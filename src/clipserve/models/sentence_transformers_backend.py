@@ -17,6 +17,12 @@ from torch.nn.functional import normalize
 from clipserve.errors import UnsupportedModalityError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
 from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
+from clipserve.models.quantize import (
+    QUANTIZATION,
+    compute_dtype,
+    is_int8,
+    quantize_linear_layers,
+)
 
 _MODALITIES: frozenset[Modality] = frozenset({"text"})
 TEXT_LOGIT_SCALE = 20.0
@@ -30,7 +36,7 @@ class SentenceTransformersBackend:
     def __init__(self, model: Any, *, device: str, dtype: torch.dtype, name: str) -> None:
         self._model: Any = model.eval()
         self._device = torch.device(device)
-        self._dtype = dtype
+        self._dtype = compute_dtype(dtype)
         self._name = name
         self._tokenizer_lock = threading.Lock()
         self._context_length = int(model.max_seq_length)
@@ -54,21 +60,28 @@ class SentenceTransformersBackend:
             image_size=None,
             parameter_count=params,
             memory_bytes=memory,
-            extra={"model_name": name},
+            extra={
+                "model_name": name,
+                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
+            },
         )
 
     @classmethod
     def load(
         cls, model_name: str, *, device: str, dtype: torch.dtype
     ) -> SentenceTransformersBackend:
-        """Load a sentence-transformers model (Hub id or directory) on ``device`` in ``dtype``.
+        """Load a sentence-transformers model (Hub id or directory) on ``device`` in ``dtype``;
+        :data:`~clipserve.models.quantize.INT8` keeps the float32 weights and quantizes the
+        Linear layers (CPU only: the loader's ``resolve_dtype`` sees to that).
 
         Library errors propagate unchanged (the loader explains them).
         """
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(model_name, device=device)
-        if dtype != torch.float32:
+        if is_int8(dtype):
+            quantize_linear_layers(model.eval())
+        elif dtype != torch.float32:
             model.to(dtype=dtype)
         return cls(model, device=device, dtype=dtype, name=model_name)
 

@@ -185,6 +185,24 @@ async def test_a_tiny_real_model_warms_up_and_reports_cpu_float32(
     assert model["warmup_time_ms"] > 0
 
 
+async def test_an_int8_model_reports_int8_in_capabilities_and_model_info(
+    client_for: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    tiny_registry: dict[str, Any],
+) -> None:
+    models = {"tiny-int8": {**tiny_registry["tiny"], "precision": "int8"}}
+    client = await client_for(make_settings(models), FakeLoader(load_backend))
+    response = await client.post(_WARMUP, json={"models": ["tiny-int8"]})
+    (warmed,) = response.json()["models"]
+    assert warmed["status"] == "ok", warmed["error"]
+    (model,) = (await client.get(_CAPABILITIES)).json()["models"]
+    assert (model["name"], model["device"], model["dtype"]) == ("tiny-int8", "cpu", "int8")
+    info = (await client.get("/v1/system/models/tiny-int8/info")).json()
+    assert info["spec"]["precision"] == "int8"
+    assert (info["runtime"]["device"], info["runtime"]["dtype"]) == ("cpu", "int8")
+    assert info["runtime"]["memory_mb"] > 0
+
+
 async def test_the_warmup_metric_is_set_and_removed_on_unload(
     client_for: Callable[..., Any],
     make_settings: Callable[..., Any],

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -9,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from clipserve.config import Settings
 from clipserve.engine.executor import Executors
 from clipserve.engine.registry import ModelRegistry, ModelState
 from clipserve.errors import ConfigError, ModelNotFoundError, ModelUnavailableError
+from clipserve.model_specs import ModelSpec
+from clipserve.models.quantize import INT8
 from clipserve.observability.metrics import Metrics
-from clipserve.testing import FakeLoader
+from clipserve.testing import FakeBackend, FakeLoader
 
 
 class Clock:
@@ -322,3 +326,31 @@ async def test_a_model_replaced_while_loading_is_never_handed_out(
     assert not handle.retired
     assert await registry.drain(10)
     assert loader.loaded["fake-fast"].closed  # the superseded load was closed, not handed out
+
+
+async def test_int8_is_passed_to_the_loader_on_the_cpu_and_falls_back_on_cuda(
+    make_settings: Callable[..., Settings],
+    registry_for: Callable[..., ModelRegistry],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a mocked CUDA device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    asked: dict[str, tuple[str, torch.dtype]] = {}
+
+    def load(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> FakeBackend:
+        asked[spec.model_name] = (device, dtype)
+        return FakeBackend()
+
+    models = {
+        "on-cpu": {"model_name": "real-cpu", "precision": "int8", "device": "cpu"},
+        "on-cuda": {"model_name": "real-cuda", "precision": "int8", "device": "cuda"},
+    }
+    registry = registry_for(make_settings(models, cuda_precision="bf16"), FakeLoader(load))
+    with caplog.at_level(logging.WARNING, logger="clipserve.models.loader"):
+        await registry.get("on-cpu")
+        await registry.get("on-cuda")
+    assert asked == {"real-cpu": ("cpu", INT8), "real-cuda": ("cuda", torch.bfloat16)}
+    assert "int8 (dynamic quantization) runs on the CPU only; using bfloat16 on cuda" in (
+        caplog.text
+    )

@@ -18,6 +18,7 @@ from clipserve.errors import ModelLoadError
 from clipserve.models import hf_backend
 from clipserve.models.base import Backend, clip_scores
 from clipserve.models.hf_backend import HfClipBackend
+from clipserve.models.quantize import INT8
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -321,3 +322,32 @@ def test_concurrent_tokenization_is_consistent(clip: HfClipBackend) -> None:
     for got, want in zip(results, expected, strict=True):
         assert torch.equal(got.inputs["input_ids"], want.inputs["input_ids"])
         assert got.truncated == want.truncated
+
+
+# --- precision int8 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hf_clip", "hf_siglip"])
+def test_int8_quantizes_the_linear_layers_and_stays_close_to_fp32(
+    kind: str, tiny_dirs: dict[str, Path], images: list[Image.Image], texts: list[str]
+) -> None:
+    fp32 = _load(tiny_dirs[kind])
+    int8 = HfClipBackend.load(str(tiny_dirs[kind]), device="cpu", dtype=INT8)
+    model = int8._live_model()  # noqa: SLF001
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+    # every one, but for the out_proj of SigLIP's MultiheadAttention pooling head
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert int8.info.dtype == "int8"
+    assert int8.info.extra["quantization"] == "int8-dynamic"
+    assert 0 < int8.info.memory_bytes < fp32.info.memory_bytes
+    embedded = {}
+    for name, backend in (("fp32", fp32), ("int8", int8)):
+        pixels = torch.stack([backend.preprocess(image) for image in images])
+        embedded[name] = (
+            backend.encode_images(pixels),
+            backend.encode_texts(backend.tokenize(texts)),
+        )
+    for got, expected in zip(embedded["int8"], embedded["fp32"], strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(NAMES)), atol=1e-5, rtol=0)
+        assert float((got * expected).sum(dim=-1).min()) >= 0.99

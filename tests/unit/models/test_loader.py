@@ -25,6 +25,7 @@ from clipserve.models.loader import (
     resolve_package_path,
 )
 from clipserve.models.open_clip_backend import OpenClipBackend
+from clipserve.models.quantize import INT8
 from clipserve.models.sentence_transformers_backend import SentenceTransformersBackend
 
 CPU = {"device": "cpu", "dtype": torch.float32}
@@ -325,6 +326,55 @@ def test_resolve_dtype(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=loader.__name__):
         assert resolve_dtype("cpu", "fp16", "fp16") == torch.float32
     assert "fp16" in caplog.text
+
+
+def test_int8_is_honoured_on_the_cpu_only(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        assert resolve_dtype("cpu", "int8", "fp16") == INT8
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        assert resolve_dtype("cuda", "int8", "fp16") == torch.float16  # the service's default
+        assert resolve_dtype("cuda:1", "int8", "bf16") == torch.bfloat16
+        assert resolve_dtype("cuda", "int8", "fp32") == torch.float32
+        assert resolve_dtype("mps", "int8", "fp16") == torch.float32
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "precision int8 (dynamic quantization) runs on the CPU only; using float16 on cuda instead",
+        "precision int8 (dynamic quantization) runs on the CPU only; using bfloat16 on cuda:1 "
+        "instead",
+        "precision int8 (dynamic quantization) runs on the CPU only; using float32 on cuda instead",
+        "precision int8 (dynamic quantization) runs on the CPU only; using float32 on mps instead",
+    ]
+
+
+def test_int8_on_a_mocked_cuda_device_loads_the_cuda_default(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_backend's own guard (for callers that pass INT8 for another device): the backend is
+    asked for the CUDA default (fp16), never for int8."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked: list[tuple[str, torch.dtype]] = []
+
+    def load(model_name: str, *, device: str, dtype: torch.dtype) -> object:
+        asked.append((device, dtype))
+        return object()
+
+    monkeypatch.setattr(HfClipBackend, "load", load)
+    spec = ModelSpec(model_name=str(tiny_dirs["hf_clip"]), backend="hf", precision="int8")
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        dtype = resolve_dtype(resolve_device("cuda"), spec.precision, "fp16")
+        load_backend(spec, device="cuda", dtype=dtype)
+        load_backend(spec, device="cuda", dtype=INT8)
+    assert asked == [("cuda", torch.float16), ("cuda", torch.float16)]
+    assert caplog.text.count("int8 (dynamic quantization) runs on the CPU only") == 2
+
+
+def test_int8_through_load_backend(tiny_dirs: dict[str, Path]) -> None:
+    spec = ModelSpec(model_name=f"local-dir:{tiny_dirs['open_clip']}", precision="int8")
+    backend = load_backend(spec, device="cpu", dtype=resolve_dtype("cpu", spec.precision, "fp16"))
+    assert isinstance(backend, OpenClipBackend)
+    assert backend.info.dtype == "int8"
+    assert backend.info.extra["quantization"] == "int8-dynamic"
 
 
 def test_release_device_memory(monkeypatch: pytest.MonkeyPatch) -> None:

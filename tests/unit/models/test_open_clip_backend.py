@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from clipserve.models.open_clip_backend import (
     bounded_text,
     resolve_open_clip_source,
 )
+from clipserve.models.quantize import INT8
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -314,3 +316,89 @@ def test_text_runs_on_the_used_length_and_equals_the_full_context(
         atol=1e-6,
         rtol=0,
     )
+
+
+# --- precision int8 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_backend(tiny_dirs: dict[str, Path]) -> OpenClipBackend:
+    return OpenClipBackend.load(
+        f"local-dir:{tiny_dirs['open_clip']}", None, device="cpu", dtype=INT8
+    )
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum(dim=-1).min())
+
+
+def test_int8_quantizes_the_linear_layers_and_says_so(
+    int8_backend: OpenClipBackend, backend: OpenClipBackend
+) -> None:
+    model = int8_backend._live_model()  # noqa: SLF001
+    quantized = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == 8  # c_fc and c_proj of 2 image and 2 text blocks
+    # only MultiheadAttention's out_proj (a NonDynamicallyQuantizableLinear) stays float
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear]
+    info = int8_backend.info
+    assert info.dtype == "int8"
+    assert info.extra["quantization"] == "int8-dynamic"
+    assert "quantization" not in backend.info.extra
+    assert info.parameter_count == backend.info.parameter_count
+    assert 0 < info.memory_bytes < backend.info.memory_bytes
+
+
+def test_int8_embeddings_are_unit_norm_and_close_to_fp32(
+    int8_backend: OpenClipBackend,
+    backend: OpenClipBackend,
+    images: list[Image.Image],
+    texts: list[str],
+) -> None:
+    image_emb, text_emb = _embed(int8_backend, images, texts)
+    ref_image, ref_text = _embed(backend, images, texts)
+    assert image_emb.dtype == text_emb.dtype == torch.float32
+    for emb in (image_emb, text_emb):
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(NAMES)), atol=1e-5, rtol=0)
+    assert _min_cosine(image_emb, ref_image) >= 0.99
+    assert _min_cosine(text_emb, ref_text) >= 0.99
+
+
+def test_int8_trimmed_text_matches_open_clips_own_full_context(
+    int8_backend: OpenClipBackend, texts: list[str]
+) -> None:
+    assert int8_backend._trimmable  # noqa: SLF001
+    tokens = int8_backend.tokenize(texts)
+    with torch.inference_mode():
+        full = int8_backend._live_model().encode_text(tokens.inputs["input_ids"])  # noqa: SLF001
+    # activations are quantized per batch, over the padding too: close, not bit-identical
+    expected = torch.nn.functional.normalize(full.float(), dim=-1)
+    assert _min_cosine(int8_backend.encode_texts(tokens), expected) >= 0.999
+
+
+def test_int8_keeps_a_linear_text_projection_float(tmp_path: Path, texts: list[str]) -> None:
+    """open_clip calls a text projection only when it is an ``nn.Linear`` (else multiplies)."""
+    from safetensors.torch import save_file
+
+    from clipserve.testing.tiny import build_tiny_open_clip, tiny_open_clip_config
+
+    folder = build_tiny_open_clip(tmp_path / "proj-bias")
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["proj_bias"] = True
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    cfg = tiny_open_clip_config()
+    cfg["text_cfg"]["proj_bias"] = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        source = open_clip.CLIP(**cfg)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    fp32 = OpenClipBackend.load(f"local-dir:{folder}", None, device="cpu", dtype=torch.float32)
+    int8 = OpenClipBackend.load(f"local-dir:{folder}", None, device="cpu", dtype=INT8)
+    model = int8._live_model()  # noqa: SLF001
+    assert type(model.text_projection) is torch.nn.Linear
+    tokens = int8.tokenize(texts)
+    with torch.inference_mode():  # open_clip's own path, which checks isinstance(.., nn.Linear)
+        own = torch.nn.functional.normalize(model.encode_text(tokens.inputs["input_ids"]), dim=-1)
+    text_emb = int8.encode_texts(tokens)
+    assert _min_cosine(text_emb, own) >= 0.999
+    assert _min_cosine(text_emb, fp32.encode_texts(fp32.tokenize(texts))) >= 0.99

