@@ -143,7 +143,8 @@ def sample_pairs(n: int, size: int = 320) -> list[tuple[Image.Image, str]]:
     return [(img, f"{_CAPTIONS[i % len(_CAPTIONS)]} #{i}") for i, img in enumerate(images)]
 
 
-def _jpeg(image: Image.Image) -> bytes:
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """``image`` as JPEG (quality 90): the benchmarks' encoded photos."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -151,7 +152,7 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def jpeg_uri(image: Image.Image) -> str:
     """``image`` as a JPEG data URI: the image input of the benchmarks' requests."""
-    return "data:image/jpeg;base64," + base64.b64encode(_jpeg(image)).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(image)).decode()
 
 
 def bench_registry(models: Sequence[str], workdir: Path) -> dict[str, dict[str, object]]:
@@ -412,7 +413,7 @@ def bench_model(
     device: str,
 ) -> BenchResult:
     samples = sample_pairs(pairs)
-    jpegs = [_jpeg(img) for img, _ in samples]
+    jpegs = [jpeg_bytes(img) for img, _ in samples]
     uris = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in jpegs]
     bodies = [
         {"image_input": uri, "text_prompt": text, "model_config_name": model}

@@ -31,7 +31,6 @@ differ.
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import statistics
 import tempfile
@@ -44,7 +43,7 @@ from typing import Literal, TypeVar
 
 import torch
 
-from clipserve.bench import bench_registry, sample_images
+from clipserve.bench import bench_registry, jpeg_bytes, sample_images
 from clipserve.config import MediaSettings
 from clipserve.media import ImageLoader
 from clipserve.model_specs import ModelSpec, Precision
@@ -144,11 +143,7 @@ class _Inputs:
 
 
 def _inputs(photos: int, size: int) -> _Inputs:
-    jpegs = []
-    for image in sample_images(photos, size):
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
+    jpegs = [jpeg_bytes(image) for image in sample_images(photos, size)]
     prompts = tuple(f"a photo of a {label}" for label in LABELS)
     captions = (*PHOTO_CAPTIONS, *prompts)
     throughput = tuple(f"{text} #{i}" for i, text in enumerate(captions * 4))

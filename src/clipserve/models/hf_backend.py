@@ -37,9 +37,9 @@ from clipserve.models.loader import (
     release_device_memory,
 )
 from clipserve.models.quantize import (
-    QUANTIZATION,
     compute_dtype,
     is_int8,
+    quantization_info,
     quantize_linear_layers,
 )
 
@@ -130,7 +130,7 @@ class HfClipBackend:
                 "model_name": name,
                 "model_type": str(config.model_type),
                 "image_preprocessing": preprocessing,
-                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
+                **quantization_info(dtype),
             },
         )
 

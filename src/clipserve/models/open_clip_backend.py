@@ -32,10 +32,10 @@ from clipserve.models.loader import (
     release_device_memory,
 )
 from clipserve.models.quantize import (
-    QUANTIZATION,
     QUANTIZED_LINEAR,
     compute_dtype,
     is_int8,
+    quantization_info,
     quantize_linear_layers,
 )
 
@@ -339,7 +339,7 @@ class OpenClipBackend:
             extra={
                 "model_name": name,
                 "tokenizer": type(tokenizer).__name__,
-                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
+                **quantization_info(dtype),
             },
         )
 

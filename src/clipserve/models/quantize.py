@@ -44,6 +44,12 @@ def is_int8(dtype: torch.dtype) -> bool:
     return dtype == INT8
 
 
+def quantization_info(dtype: torch.dtype) -> dict[str, str]:
+    """The ``BackendInfo.extra`` entry of a backend loaded in ``dtype``: ``quantization`` for
+    :data:`INT8`, nothing otherwise."""
+    return {"quantization": QUANTIZATION} if is_int8(dtype) else {}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the model's inputs (and unquantized layers) have: float32 for :data:`INT8`,
     else ``dtype`` itself."""

@@ -18,9 +18,9 @@ from clipserve.errors import UnsupportedModalityError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
 from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
 from clipserve.models.quantize import (
-    QUANTIZATION,
     compute_dtype,
     is_int8,
+    quantization_info,
     quantize_linear_layers,
 )
 
@@ -62,7 +62,7 @@ class SentenceTransformersBackend:
             memory_bytes=memory,
             extra={
                 "model_name": name,
-                **({"quantization": QUANTIZATION} if is_int8(dtype) else {}),
+                **quantization_info(dtype),
             },
         )
 

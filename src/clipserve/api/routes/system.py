@@ -70,8 +70,8 @@ async def status(engine: EngineDep) -> StatusResponse:
     )
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 def _model_warmup(report: WarmupReport) -> ModelWarmup:
@@ -84,11 +84,11 @@ def _model_warmup(report: WarmupReport) -> ModelWarmup:
             WarmupPass(
                 modality=p.modality,
                 batch_size=p.batch_size,
-                duration_ms=round(p.duration_s * 1000, 3),
+                duration_ms=_ms(p.duration_s),
             )
             for p in report.passes
         ],
-        duration_ms=round(report.duration_s * 1000, 3),
+        duration_ms=_ms(report.duration_s),
         error=report.error,
     )
 
@@ -102,7 +102,7 @@ async def warmup(engine: EngineDep, body: WarmupRequest | None = None) -> Warmup
     reports = await engine.warm_up(body.models if body else None)
     return WarmupResponse(
         models=[_model_warmup(r) for r in reports],
-        total_ms=round((time.perf_counter() - started) * 1000, 3),
+        total_ms=_ms(time.perf_counter() - started),
     )
 
 
@@ -143,8 +143,8 @@ def _model_capabilities(status: ModelStatus, queues: list[QueueStats]) -> ModelC
             )
             for _, q in sorted(by_modality.items())
         ],
-        load_time_ms=_ms(status.load_time_s),
-        warmup_time_ms=_ms(status.warmup_time_s),
+        load_time_ms=None if status.load_time_s is None else _ms(status.load_time_s),
+        warmup_time_ms=None if status.warmup_time_s is None else _ms(status.warmup_time_s),
         warmed_up_at=status.warmed_up_at,
     )
 

@@ -78,7 +78,11 @@ async def _both_sides(
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for side in done:
                 outcomes: Mapping[str, object] = side.result()  # an exception propagates
-                if pending and all(isinstance(v, ClipServeError) for v in outcomes.values()):
+                if (
+                    pending
+                    and outcomes
+                    and all(isinstance(v, ClipServeError) for v in outcomes.values())
+                ):
                     for other in pending:
                         other.cancel()
                     await asyncio.wait(pending)
