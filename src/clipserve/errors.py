@@ -172,3 +172,64 @@ class InferenceTimeoutError(ClipServeError):
 
 class InferenceError(ClipServeError):
     """The model failed while computing a batch (a real server-side failure)."""
+
+
+class JobNotFoundError(ClipServeError):
+    """No job has this id (or it was submitted with another API key, or has expired)."""
+
+    def __init__(self, job_id: str) -> None:
+        shown = quote(job_id, 100)
+        super().__init__(f"job '{shown}' does not exist", detail={"job_id": shown})
+
+
+# --- vector index
+# ----------------------------------------------------------------------------------
+
+
+class CollectionNotFoundError(ClipServeError):
+    """No vector collection has this name (or it was deleted while in use)."""
+
+    def __init__(self, name: str, *, known: list[str] | None = None) -> None:
+        shown = quote(name, 100)
+        listed = "" if known is None else f"; collections: {', '.join(known[:20]) or '(none)'}"
+        super().__init__(
+            f"collection '{shown}' does not exist{listed}", detail={"collection": shown}
+        )
+        self.name = name
+
+
+class CollectionConflictError(ClipServeError):
+    """A collection with this name already exists."""
+
+    def __init__(self, name: str) -> None:
+        shown = quote(name, 100)
+        super().__init__(f"collection '{shown}' already exists", detail={"collection": shown})
+        self.name = name
+
+
+class DimensionMismatchError(InvalidInputError):
+    """A vector's length is not the collection's dimension."""
+
+    def __init__(self, collection: str, expected: int, got: int, *, what: str = "vector") -> None:
+        super().__init__(
+            f"{what} has dimension {got} but collection '{collection}' has dimension {expected}",
+            detail={"collection": collection, "expected_dim": expected, "dim": got},
+        )
+        self.expected = expected
+        self.got = got
+
+
+class IndexBackendError(ClipServeError):
+    """The vector index backend cannot serve: an optional library is not installed, a stored
+    collection cannot be loaded, or a remote index (Milvus) failed. A server-side problem."""
+
+
+class ItemNotFoundError(ClipServeError):
+    """The collection has no item with this id."""
+
+    def __init__(self, collection: str, item_id: str) -> None:
+        shown = quote(item_id, 100)
+        super().__init__(
+            f"collection '{quote(collection, 100)}' has no item '{shown}'",
+            detail={"collection": collection, "id": shown},
+        )
