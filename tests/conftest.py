@@ -73,6 +73,13 @@ def _loopback_only() -> Iterator[None]:
     socket.socket.connect_ex = real_connect_ex  # type: ignore[method-assign]
 
 
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's collections (its apps', and its server processes', which inherit the
+    environment) live in its own folder, never in the working directory."""
+    monkeypatch.setenv("CLIPSERVE_COLLECTIONS__DATA_DIR", str(tmp_path / "collections"))
+
+
 # --- images ------------------------------------------------------------------------------------
 
 
@@ -175,6 +182,30 @@ def make_settings(
         return Settings(config_path=config, media=media, **overrides)
 
     return make
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A fresh real ``redis-server`` on loopback for this test (skipped, saying why, without
+    one), stopped by its process id afterwards: a :class:`clipserve.testing.servers.RedisServer`
+    (``url``, ``stop()``)."""
+    from clipserve.testing.servers import RedisUnavailableError, redis_server
+
+    try:
+        context = redis_server(tmp_path)
+        server = context.__enter__()
+    except RedisUnavailableError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    url: str = redis_server.url
+    return url
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from clipserve.media import decode_image
 from clipserve.model_specs import BUILTIN_MODELS, ModelSpec
 from clipserve.models.base import Backend
 from clipserve.models.loader import load_backend, resolve_device, resolve_dtype
+from clipserve.testing.servers import free_port
 
 _CAPTIONS = (
     "a photo of an astronaut",
@@ -211,12 +211,6 @@ def raw_pairs_per_s(
 # --- servers -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass(frozen=True, slots=True)
 class RunningServer:
     url: str
@@ -233,10 +227,18 @@ def server(
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded; ``extra``
-    are more ``serve`` flags, ``env`` more environment variables (settings)."""
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": model, **(env or {})}
+    """A ``clipserve serve`` process on a free loopback port, with ``model`` preloaded and the
+    embedding cache off; ``extra`` are more ``serve`` flags, ``env`` more environment variables
+    (settings)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CLIPSERVE_DEFAULT_MODEL": model,
+        # The loads repeat their inputs: with the embedding cache they would measure its hits.
+        "CLIPSERVE_CACHE__ENABLED": "false",
+        **(env or {}),
+    }
     command = [
         sys.executable,
         "-m",

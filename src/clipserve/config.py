@@ -145,6 +145,16 @@ class MediaSettings(BaseModel):
         return tuple(normalized)
 
 
+def _redis_url(value: str | None, name: str) -> str | None:
+    """A Redis URL setting: unset when blank; redis://, rediss:// or unix:// otherwise."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{name} must be redis://..., rediss://... or unix://...")
+    return value
+
+
 def _normalize_log_level(level: str) -> str:
     """``DEBUG``, ``Info``... in lower case, and ``warn`` (Python's alias) as ``warning``."""
     level = level.strip().lower()
@@ -424,6 +434,92 @@ class RateLimitSettings(BaseModel):
         return self.requests is not None or self.items is not None
 
 
+class CacheSettings(BaseModel):
+    """The embedding cache (:mod:`clipserve.engine.cache`): an in-process LRU bounded in bytes,
+    and an optional Redis tier shared by replicas. Entries are keyed by the model's weights, the
+    preprocessing, the modality and the sha256 of the input's bytes (a URL's fetched body, never
+    its address) or of a text's UTF-8."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(
+        default=True, description="look embeddings up before computing them (per request: cache)"
+    )
+    max_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="bytes the in-process tier may hold (vectors, keys, bookkeeping); 0: none",
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://host:6379/0, rediss://... or unix://...: a shared tier"
+    )
+    redis_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=0, description="seconds a Redis entry lives; 0: no expiry"
+    )
+    redis_timeout_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="longest one Redis call may take; a slower or failed call is a miss",
+    )
+    redis_prefix: str = Field(default="clipserve:emb:", description="prefix of the Redis keys")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        return _redis_url(value, "cache.redis_url")
+
+
+class CollectionsSettings(BaseModel):
+    """Vector collections (:mod:`clipserve.engine.tasks.search`): local ones (FAISS, ScaNN) under
+    ``data_dir``, and Milvus ones on ``milvus_uri`` (a server, or a milvus-lite ``.db`` file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path = Field(
+        default=Path("data/collections"),
+        description="local collections live here (opened at start-up when it exists)",
+    )
+    milvus_uri: str | None = Field(
+        default=None, description="http://host:19530, or a path ending in .db for milvus-lite"
+    )
+    milvus_token: str | None = Field(default=None, description="user:password or an API key")
+    save_interval_s: float = Field(
+        default=10.0, gt=0, description="how often changed local collections are saved"
+    )
+    max_collections: int = Field(default=1000, ge=1)
+
+
+class JobsSettings(BaseModel):
+    """Jobs (:mod:`clipserve.engine.jobs`): long scoring and embedding work in chunks, in this
+    process, or in Redis (``redis_url``) so they survive a restart and any replica runs them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    redis_url: str | None = Field(
+        default=None, description="redis://host:6379/0...: jobs and their queue live there"
+    )
+    chunk_size: int = Field(default=64, ge=1, le=4096, description="items per unit of work")
+    max_items: int = Field(default=100_000, ge=1, description="items per job")
+    max_active: int = Field(default=100, ge=1, description="jobs queued or running at once")
+    max_running: int = Field(default=2, ge=1, le=64, description="chunks run at once")
+    chunk_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest a chunk may run (also how soon a crashed one reruns)",
+    )
+    keep_finished: int = Field(
+        default=100, ge=1, description="in-process: finished jobs kept (oldest go first)"
+    )
+    keep_s: float = Field(default=7 * 24 * 3600, gt=0, description="Redis: finished jobs' lifetime")
+    key_prefix: str = Field(default="clipserve:job:", description="prefix of the Redis keys")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        return _redis_url(value, "jobs.redis_url")
+
+
 class _ModelEnvSource(PydanticBaseSettingsSource):
     """Collects ``MODEL_CONFIG_<NAME>`` variables into ``model_overrides`` (name lower-cased)."""
 
@@ -500,6 +596,9 @@ class Settings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
+    collections: CollectionsSettings = Field(default_factory=CollectionsSettings)
 
     @field_validator("device")
     @classmethod

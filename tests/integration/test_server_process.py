@@ -5,11 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from clipserve.testing.servers import clipserve_process
 
 
 @pytest.fixture
@@ -32,47 +25,9 @@ def server(
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     config = tmp_path / "models.json"
     config.write_text(json.dumps(tiny_registry))
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIPSERVE_DEFAULT_MODEL": "tiny"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clipserve",
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "info",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert process.poll() is None, (
-                f"server exited early:\n{process.stdout.read() if process.stdout else ''}"
-            )
-            try:
-                if httpx.get(f"{base}/evaluator/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
-            time.sleep(0.2)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+    env = {"CLIPSERVE_DEFAULT_MODEL": "tiny"}
+    with clipserve_process(config, env=env, log_level="info") as running:
+        yield running
 
 
 def test_serves_an_evaluation_and_stops_gracefully(

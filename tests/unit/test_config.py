@@ -593,3 +593,22 @@ def test_clip_model_follows_the_default_model_and_model_config_wins(
     assert specs["fast"].model_name == "ViT-B-32"
     monkeypatch.setenv("CLIP_MODEL", "  ")
     assert Settings().clip_model is None  # empty: unset
+
+
+def test_cache_settings_defaults_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings().cache
+    assert (defaults.enabled, defaults.max_bytes, defaults.redis_url) == (True, 512 << 20, None)
+    monkeypatch.setenv("CLIPSERVE_CACHE__REDIS_URL", "redis://cache.internal:6379/2")
+    monkeypatch.setenv("CLIPSERVE_CACHE__MAX_BYTES", "1048576")
+    monkeypatch.setenv("CLIPSERVE_CACHE__REDIS_TTL_S", "60")
+    cache = Settings().cache
+    assert (cache.redis_url, cache.max_bytes, cache.redis_ttl_s) == (
+        "redis://cache.internal:6379/2",
+        1 << 20,
+        60,
+    )
+    monkeypatch.setenv("CLIPSERVE_CACHE__REDIS_URL", "http://cache.internal")
+    with pytest.raises(ValidationError, match="redis_url"):
+        Settings()
+    monkeypatch.setenv("CLIPSERVE_CACHE__REDIS_URL", "")
+    assert Settings().cache.redis_url is None

@@ -1,11 +1,12 @@
 """The engine core: lifecycle, leases, deadlines and readiness, under the tasks.
 
-It owns the model registry, the image loader, the worker threads, the encoder and the dynamic
-batcher. A task (:mod:`clipserve.engine.tasks`) serves a request inside :meth:`EngineCore.serving`:
-it gets a deadline (``request_timeout``), a lease on its model, a modality check and admission
-control (a full queue refuses the request up front, so an admitted request is never half-dropped),
-and sends its deduplicated inputs through the encoder, where they share forward passes with every
-other request for the same model.
+It owns the model registry, the image loader, the worker threads, the embedding cache
+(:mod:`clipserve.engine.cache`), the encoder and the dynamic batcher. A task
+(:mod:`clipserve.engine.tasks`) serves a request inside :meth:`EngineCore.serving`: it gets a
+deadline (``request_timeout``), a lease on its model, a modality check and admission control (a
+full queue refuses the request up front, so an admitted request is never half-dropped), and sends
+its deduplicated inputs through the encoder, where they share forward passes with every other
+request for the same model (or are found in the cache).
 
 Shutdown (:meth:`EngineCore.close`) never hangs: the batcher drains within ``drain_timeout``, then
 models are closed and the worker threads stopped within a grace period (:data:`SHUTDOWN_GRACE_S`
@@ -20,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from clipserve.config import Settings
 from clipserve.engine.batcher import (
@@ -29,6 +31,7 @@ from clipserve.engine.batcher import (
     client_share,
     deadline_error,
 )
+from clipserve.engine.cache import EmbeddingCache
 from clipserve.engine.encoder import Encoder, Scope
 from clipserve.engine.executor import Executors, cpu_workers
 from clipserve.engine.registry import BackendLoader, ModelHandle, ModelRegistry, ModelState
@@ -77,11 +80,14 @@ class EngineCore:
         self.executors = Executors(cpu_workers(settings))
         self.batcher = Batcher(settings.batching, self.metrics, self.executors.cpu)
         self.images = ImageLoader(settings.media, executor=self.executors.cpu)
+        self.cache = EmbeddingCache.from_settings(settings.cache, self.metrics)
+        """None when ``cache.enabled`` is off."""
         self.encoder = Encoder(
             settings,
             batcher=self.batcher,
             images=self.images,
             metrics=self.metrics,
+            cache=self.cache,
         )
         self.registry = ModelRegistry(
             settings,
@@ -89,7 +95,7 @@ class EngineCore:
             executors=self.executors,
             metrics=self.metrics,
             on_load=self.encoder.build_queues,
-            on_unload=self.batcher.discard,
+            on_unload=self._unloaded,
         )
         self._warmup = Warmup(
             self.registry, self.metrics, timeout_s=settings.batching.request_timeout
@@ -117,10 +123,19 @@ class EngineCore:
         grace = max(1.0, min(SHUTDOWN_GRACE_S, self.settings.batching.drain_timeout))
         deadline = loop.time() + grace
         await self.registry.close(grace)
+        if self.cache is not None:
+            await self.cache.close()
         await self.images.aclose()
         self.executors.shutdown(max(0.0, deadline - loop.time()))
 
-    async def __aenter__(self) -> EngineCore:
+    async def _unloaded(self, handle: ModelHandle) -> None:
+        """A model unloads (a reload, a config change, shutdown): its queues close, and its
+        entries leave the in-process cache."""
+        if self.cache is not None:
+            self.cache.forget(handle.name)
+        await self.batcher.discard(handle)
+
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -186,16 +201,19 @@ class EngineCore:
 
     # --- deadlines, leases, limits -------------------------------------------------------------
 
-    def scope(self, window: int | None = None, client: str | None = None) -> Scope:
+    def scope(
+        self, window: int | None = None, client: str | None = None, *, cache: bool = True
+    ) -> Scope:
         """A new request's bounds: its deadline (``request_timeout`` from now), its inputs in
         flight at once (default: two of the batcher's batches; never above the client's share of
-        a queue), its client and its window of decoded pixels."""
+        a queue), its client, its window of decoded pixels and whether it uses the cache."""
         batching = self.settings.batching
         return Scope(
             deadline=asyncio.get_running_loop().time() + batching.request_timeout,
             window=min(window or prefetch_window(batching.max_batch_size), client_share(batching)),
             client=client or LOCAL_CLIENT,
             pixels=self.images.window(),
+            cache=cache,
         )
 
     @contextlib.asynccontextmanager

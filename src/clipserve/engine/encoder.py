@@ -7,6 +7,11 @@ and encoded once; an image's identity is computed once, in :func:`image_ref`) an
 CPU pool, while earlier ones wait in the queue or run, so a big request is pipelined and a small
 one shares forward passes with whatever else is queued.
 
+With a cache (:mod:`clipserve.engine.cache`, unless the request opts out: ``Scope.cache``), a text
+is looked up by its UTF-8's sha256 before it is queued, and an image (not a PIL image) is read
+first (a URL fetched, a data URI decoded, a file read) and looked up by its bytes' sha256: a hit
+skips the decode and the forward pass, and concurrent identical inputs are computed once.
+
 Contract: :meth:`Encoder.texts` and :meth:`Encoder.images` return one outcome per distinct input,
 a result or that input's :class:`~clipserve.errors.ClipServeError` (its deadline passing
 included); they raise only when cancelled.
@@ -26,9 +31,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clipserve.config import Settings
 from clipserve.engine.batcher import Batcher, BatchQueue, deadline_error
+from clipserve.engine.cache import CachedEmbedding, EmbeddingCache, text_digest
 from clipserve.engine.capacity import probe_batch_size
 from clipserve.engine.registry import ModelHandle
 from clipserve.errors import (
@@ -36,7 +43,7 @@ from clipserve.errors import (
     InferenceError,
     InvalidInputError,
 )
-from clipserve.media import ImageInput, ImageLoader
+from clipserve.media import EncodedImage, ImageInput, ImageLoader
 from clipserve.media.budget import PixelWindow
 from clipserve.models.base import Backend, Modality, TokenizedTexts
 from clipserve.observability.metrics import Metrics
@@ -62,13 +69,14 @@ class TextOutcome:
 class Scope:
     """One request's bounds, for everything it sends through the encoder: its ``deadline`` (on the
     event loop's clock), its inputs in flight at once (``window``, never above the client's share
-    of a queue), its ``client`` (whose share of each queue it counts against) and its window of
-    decoded pixels."""
+    of a queue), its ``client`` (whose share of each queue it counts against), its window of
+    decoded pixels, and whether it may use the embedding cache (read it and fill it)."""
 
     deadline: float
     window: int
     client: str
     pixels: PixelWindow
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +150,21 @@ class Encoder:
         batcher: Batcher,
         images: ImageLoader,
         metrics: Metrics,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self._settings = settings
         self._batcher = batcher
         self._images = images
         self._metrics = metrics
+        self._cache = cache
 
     # --- queues --------------------------------------------------------------------------------
 
     def build_queues(self, handle: ModelHandle) -> None:
         """Create (and start) the model's queues, one per modality it encodes."""
         handle.queues = {m: self._queue(handle, m) for m in sorted(handle.info.modalities)}
+        if self._cache is not None:
+            self._cache.identity(handle)  # computed once, off the request path
 
     def _queue(self, handle: ModelHandle, modality: Modality) -> BatchQueue[Any, Any]:
         backend = handle.backend
@@ -218,12 +230,30 @@ class Encoder:
             else:
                 out[text] = problem
 
-        async def as_payload(text: str) -> str:
-            return text
+        if not todo:
+            return out
+        queue: BatchQueue[str, TextOutcome] = handle.queues["text"]
+        cache = self._cache if scope.cache else None
+        if len(todo) > queue.max_batch_size:
+            # Queued shortest first, so each batch holds texts of similar length: a batch runs
+            # to its longest text (trimmed towers, padding="longest"), so mixing a long caption
+            # into a batch of short ones would make them all pay its length.
+            todo = dict(sorted(todo.items(), key=lambda item: len(item[0])))
 
-        if todo:
-            queue = handle.queues["text"]
-            out.update(await _through(queue, todo, as_payload, scope))
+        async def encode(text: str) -> TextOutcome:
+            if cache is None:
+                return await _submit(queue, text, scope)
+
+            async def compute() -> CachedEmbedding:
+                outcome = await _submit(queue, text, scope)
+                return CachedEmbedding(
+                    _owned(outcome.embedding), outcome.token_count, outcome.truncated
+                )
+
+            hit = await cache.get_or_compute(cache.key(handle, "text", text_digest(text)), compute)
+            return TextOutcome(torch.from_numpy(hit.vector), hit.truncated, hit.token_count)
+
+        out.update(await _through(queue, todo, encode, scope))
         return out
 
     # --- images --------------------------------------------------------------------------------
@@ -240,28 +270,37 @@ class Encoder:
         unique = {ref.key: ref.value for ref in refs}
         if not unique:
             return {}
+        queue: BatchQueue[torch.Tensor, torch.Tensor] = handle.queues["image"]
+        cache = self._cache if scope.cache else None
+        preprocess = handle.spec.preprocess  # the same for the key and the decode
 
-        async def prepare(value: ImageInput) -> torch.Tensor:
+        async def prepare(value: ImageInput | EncodedImage) -> torch.Tensor:
             started = time.perf_counter()
             loaded = await self._images.load(
                 value,
                 handle.backend.preprocess,
                 window=scope.pixels,
                 timeout=scope.deadline - asyncio.get_running_loop().time(),
-                draft=handle.info.image_size if handle.spec.preprocess == "fast" else None,
+                draft=handle.info.image_size if preprocess == "fast" else None,
             )
-            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
-                time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            if isinstance(value, EncodedImage):  # read before: count its read too
+                elapsed += value.read_seconds
+            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(elapsed)
             return loaded.image
 
-        return await _through(
-            handle.queues["image"],
-            unique,
-            prepare,
-            scope,
-            on_done=on_done,
-        )
+        async def encode(value: ImageInput) -> torch.Tensor:
+            if cache is None or isinstance(value, Image.Image):  # PIL images have no bytes
+                return await _submit(queue, await prepare(value), scope)
+            encoded = await self._images.read(value)
+
+            async def compute() -> CachedEmbedding:
+                return CachedEmbedding(_owned(await _submit(queue, await prepare(encoded), scope)))
+
+            key = cache.key(handle, f"image/{preprocess}", encoded.sha256)
+            return torch.from_numpy((await cache.get_or_compute(key, compute)).vector)
+
+        return await _through(queue, unique, encode, scope, on_done=on_done)
 
 
 def as_error(exc: BaseException, what: str) -> ClipServeError:
@@ -271,16 +310,27 @@ def as_error(exc: BaseException, what: str) -> ClipServeError:
     return InferenceError(f"internal error while {what}")
 
 
+def _owned(vector: torch.Tensor) -> np.ndarray:
+    """A float32 copy of one row (a view would keep its whole batch alive in the cache)."""
+    return np.array(vector.numpy(), dtype=np.float32)
+
+
+async def _submit(queue: BatchQueue[Any, V], payload: Any, scope: Scope) -> V:
+    (future,) = await queue.submit([payload], deadline=scope.deadline, client=scope.client)
+    return await future
+
+
 async def _through(
-    queue: BatchQueue[Any, V],
+    queue: BatchQueue[Any, Any],
     inputs: Mapping[str, K],
-    prepare: Callable[[K], Awaitable[Any]],
+    encode: Callable[[K], Awaitable[V]],
     scope: Scope,
     *,
     on_done: Callable[[str], None] | None = None,
 ) -> dict[str, V | ClipServeError]:
-    """Prepare each input and put it through ``queue``, at most ``scope.window`` at a time, each
-    under the request's deadline; returns each key's result or error."""
+    """Encode each input (prepare it and put it through ``queue``, or find it in the cache), at
+    most ``scope.window`` at a time, each under the request's deadline; returns each key's result
+    or error."""
     deadline = scope.deadline
     slots = asyncio.Semaphore(max(1, scope.window))
     out: dict[str, V | ClipServeError] = {}
@@ -288,9 +338,7 @@ async def _through(
     async def one(key: str, value: K) -> None:
         try:
             async with asyncio.timeout_at(deadline), slots:
-                payload = await prepare(value)
-                (future,) = await queue.submit([payload], deadline=deadline, client=scope.client)
-                out[key] = await future
+                out[key] = await encode(value)
         except TimeoutError:
             out[key] = deadline_error(queue.settings)
         except ClipServeError as exc:

@@ -5,7 +5,7 @@ Never imports ``api`` or ``engine``; the engine calls :class:`ImageLoader`.
 
 from clipserve.media.decode import DECODABLE_FORMATS, decode_image, prepare_image, to_rgb
 from clipserve.media.fetch import Resolver, UrlFetcher, system_resolver
-from clipserve.media.loader import ImageLoader, LoadedImage
+from clipserve.media.loader import EncodedImage, ImageLoader, LoadedImage
 from clipserve.media.source import (
     ImageInput,
     SourceKind,
@@ -17,6 +17,7 @@ from clipserve.media.source import (
 
 __all__ = [
     "DECODABLE_FORMATS",
+    "EncodedImage",
     "ImageInput",
     "ImageLoader",
     "LoadedImage",

@@ -6,6 +6,9 @@ one job on the executor, so an image costs one thread hand-off and its decoded p
 inside that job. The job decodes only once the loader's :class:`~clipserve.media.budget.PixelBudget`
 (``max_decoded_pixels``) and the request's window (``max_request_decoded_pixels``) have room for
 the size its header declares.
+
+:meth:`ImageLoader.read` gives an input's encoded bytes and their sha256 without decoding them
+(a content-addressed cache looks them up first); :meth:`ImageLoader.load` then decodes those bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import os
 import threading
 import time
@@ -56,6 +60,32 @@ class LoadedImage(Generic[T]):
     num_bytes: int
     fetch_seconds: float
     decode_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image input's encoded bytes, not decoded yet: a URL's body, a data URI's payload, a
+    file's contents or the bytes given; ``sha256`` is their hex digest."""
+
+    data: bytes
+    source: SourceKind
+    sha256: str
+    read_seconds: float
+
+
+INLINE_DIGEST_BYTES = 64 * 1024
+"""Inputs up to this size are hashed on the event loop; larger ones on the executor."""
+
+
+def _read_job(kind: SourceKind, value: str | bytes, settings: MediaSettings) -> tuple[bytes, str]:
+    """The encoded bytes of a data URI, a file or bytes (a URL's body), and their sha256."""
+    if isinstance(value, bytes):
+        data = value
+    elif kind is SourceKind.DATA_URI:
+        _, data = parse_data_uri(value, max_bytes=settings.max_image_bytes)
+    else:
+        data = read_local_image(value, settings)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +227,29 @@ class ImageLoader:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._heavy.shutdown(wait=False, cancel_futures=True)
 
+    async def read(self, value: str | bytes) -> EncodedImage:
+        """The encoded bytes of ``value`` (a URL downloaded, a data URI's base64 decoded, a file
+        read under the media root), undecoded, with their sha256; bad input raises a
+        ``MediaError`` subclass. :meth:`load` decodes what this returns."""
+        kind = classify(value)
+        started = time.perf_counter()
+        if kind is SourceKind.URL and isinstance(value, str):
+            value = await self._fetcher.fetch(value.strip())
+        elif isinstance(value, bytearray | memoryview):
+            value = bytes(value)
+        if isinstance(value, bytes) and len(value) <= INLINE_DIGEST_BYTES:
+            data, digest = _read_job(kind, value, self._settings)
+        else:
+            loop = asyncio.get_running_loop()
+            data, digest = await loop.run_in_executor(
+                self._executor, _read_job, kind, value, self._settings
+            )
+        return EncodedImage(data, kind, digest, time.perf_counter() - started)
+
     @overload
     async def load(
         self,
-        value: ImageInput,
+        value: ImageInput | EncodedImage,
         *,
         window: PixelWindow | None = None,
         timeout: float | None = None,
@@ -209,7 +258,7 @@ class ImageLoader:
     @overload
     async def load(
         self,
-        value: ImageInput,
+        value: ImageInput | EncodedImage,
         transform: Callable[[Image.Image], T],
         *,
         window: PixelWindow | None = None,
@@ -219,7 +268,7 @@ class ImageLoader:
 
     async def load(
         self,
-        value: ImageInput,
+        value: ImageInput | EncodedImage,
         transform: Callable[[Image.Image], Any] | None = None,
         *,
         window: PixelWindow | None = None,
@@ -232,11 +281,16 @@ class ImageLoader:
         The decode holds its pixels of the loader's budget and of ``window`` (a request's share,
         from :meth:`window`), waiting up to ``timeout`` seconds for room. ``draft``: decode JPEGs
         at the smallest DCT scale still at least ``draft`` pixels on both sides (a model's input
-        size: its ``preprocess: fast``)."""
-        kind = classify(value)
+        size: its ``preprocess: fast``). An :class:`EncodedImage` (from :meth:`read`) is decoded
+        as its bytes, reported with its own source and read time."""
         until = None if timeout is None else time.monotonic() + timeout
         started = time.perf_counter()
         fetch_seconds = 0.0
+        if isinstance(value, EncodedImage):
+            source, kind = value.source, SourceKind.BYTES
+            fetch_seconds, value = value.read_seconds, value.data
+        else:
+            kind = source = classify(value)
         if kind is SourceKind.URL and isinstance(value, str):
             value = await self._fetcher.fetch(value.strip())
             fetch_seconds = time.perf_counter() - started
@@ -271,7 +325,7 @@ class ImageLoader:
             decoded = dataclasses.replace(decoded, read_seconds=read_seconds)
         return LoadedImage(
             image=decoded.image,
-            source=kind,
+            source=source,
             num_bytes=decoded.num_bytes,
             fetch_seconds=fetch_seconds + decoded.read_seconds,
             decode_seconds=decoded.decode_seconds,

@@ -165,6 +165,41 @@ class Metrics:
             "Requests let through because the rate-limit storage (Redis) failed",
         )
 
+        # The embedding cache (clipserve.engine.cache). Every lookup is a memory hit, an
+        # inflight hit (served by an identical computation already running) or a memory miss;
+        # a memory miss with Redis configured is then a redis hit or a redis miss.
+        self.cache_hits_total = self._add(
+            Counter,
+            "clipserve_cache_hits_total",
+            "Embeddings served without computing them, by model, modality and tier "
+            "(memory, redis, inflight)",
+            ["model", "modality", "tier"],
+        )
+        self.cache_misses_total = self._add(
+            Counter,
+            "clipserve_cache_misses_total",
+            "Embedding cache lookups that missed, by model, modality and tier (memory, redis)",
+            ["model", "modality", "tier"],
+        )
+        self.cache_bytes = self._add(
+            Gauge, "clipserve_cache_bytes", "Bytes held by the in-process embedding cache"
+        )
+        self.cache_entries = self._add(
+            Gauge, "clipserve_cache_entries", "Embeddings held by the in-process embedding cache"
+        )
+        self.cache_evictions_total = self._add(
+            Counter,
+            "clipserve_cache_evictions_total",
+            "Embeddings evicted from the in-process cache to stay within cache.max_bytes",
+        )
+        self.cache_errors_total = self._add(
+            Counter,
+            "clipserve_cache_errors_total",
+            "Embedding cache calls that failed and were treated as misses, by tier and "
+            "operation (get, put, decode)",
+            ["tier", "operation"],
+        )
+
     def _add(self, kind: type[M], name: str, documentation: str, *args: Any, **kwargs: Any) -> M:
         """Create a metric on this registry; those labelled by model are remembered so that
         :meth:`forget_model` can drop every series of a model."""

@@ -241,3 +241,29 @@ async def test_oversized_uploads_are_refused(
     response = await client.post("/v1/embeddings/images", files=files)
     assert response.status_code == 413
     assert "limit is 1000" in response.json()["error"]
+
+
+async def test_cache_false_computes_again_on_every_embedding_route(
+    client_for: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    photo_bytes: Callable[..., bytes],
+) -> None:
+    loader = FakeLoader()
+    client = await client_for(make_settings(), loader)
+    body = {"model": "fast", "input": ["a cat", "a dog"]}
+    for extra in ({}, {}, {"cache": False}):  # computed, a hit, computed again
+        assert (await client.post(EMBEDDINGS, json=body | extra)).status_code == 200
+    assert sum(loader.loaded["fake-fast"].forwards("text")) == 4
+    for extra in ({}, {}, {"cache": False}):
+        assert (await client.post("/embed", json={"input_text": "hi"} | extra)).status_code == 200
+    assert sum(loader.loaded["fake-text"].forwards("text")) == 2
+    files = [("files", ("a.png", photo_bytes("astronaut", "PNG"), "image/png"))]
+    for form in ({}, {}, {"cache": "false"}):
+        response = await client.post("/v1/embeddings/images", files=files, data=form)
+        assert response.status_code == 200, response.text
+    assert sum(loader.loaded["fake-fast"].forwards("image")) == 2
+    metrics = (await client.get("/metrics")).text
+    assert 'clipserve_cache_hits_total{modality="text",model="fast",tier="memory"} 2.0' in metrics
+    assert 'clipserve_cache_misses_total{modality="image",model="fast",tier="memory"} 1.0' in (
+        metrics
+    )

@@ -238,7 +238,8 @@ async def test_preprocess_fast_decodes_jpegs_at_a_reduced_scale_for_that_model_o
     uri = data_uri(buffer.getvalue())
     loader = FakeLoader()
     models = {"fast": {"model_name": "fake-fast", "preprocess": "fast"}}
-    engine = engine_for(make_settings(models), loader)
+    # No cache: the second evaluation of the image must decode it again.
+    engine = engine_for(make_settings(models, cache={"enabled": False}), loader)
     seen: dict[str, list[tuple[int, int]]] = {}
     for name in ("fast", "accurate"):
         await engine.evaluate_one(EvalItem(uri, "warm", model=name))  # loads the model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import hashlib
 import io
 import os
 import threading
@@ -25,7 +26,7 @@ from clipserve.errors import (
     UnsupportedMediaTypeError,
 )
 from clipserve.media import ImageLoader, LoadedImage, SourceKind, UrlFetcher, decode_image
-from clipserve.media.loader import HEAVY_NICENESS
+from clipserve.media.loader import HEAVY_NICENESS, INLINE_DIGEST_BYTES
 
 
 class RecordingExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -135,6 +136,44 @@ async def test_pil(loader: ImageLoader, executor: RecordingExecutor) -> None:
     assert loaded.image.getpixel((0, 0)) == (255, 255, 255)
     assert original.mode == "RGBA"
     assert executor.jobs == ["_decode_job"]
+
+
+async def test_read_gives_the_undecoded_bytes_and_their_sha256_of_every_kind(
+    loader: ImageLoader, executor: RecordingExecutor, jpeg: bytes, tmp_path: Path
+) -> None:
+    (tmp_path / "astronaut.jpg").write_bytes(jpeg)
+    digest = hashlib.sha256(jpeg).hexdigest()
+    inputs = {
+        SourceKind.URL: "https://img.example/astronaut.jpg",
+        SourceKind.DATA_URI: "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(),
+        SourceKind.PATH: "astronaut.jpg",
+        SourceKind.BYTES: jpeg,
+    }
+    for kind, value in inputs.items():
+        encoded = await loader.read(value)
+        assert (encoded.source, encoded.data, encoded.sha256) == (kind, jpeg, digest)
+    assert len(jpeg) <= INLINE_DIGEST_BYTES  # a small body, small bytes: hashed in place
+    assert executor.jobs == ["_read_job"] * 2  # base64 and files: decoded, read off the loop
+    big = jpeg + bytes(INLINE_DIGEST_BYTES)
+    assert (await loader.read(big)).sha256 == hashlib.sha256(big).hexdigest()
+    assert executor.jobs == ["_read_job"] * 3  # large ones are hashed off the loop too
+
+
+async def test_load_decodes_what_read_gave_under_its_source(
+    loader: ImageLoader, executor: RecordingExecutor
+) -> None:
+    encoded = await loader.read("https://img.example/astronaut.jpg")
+    loaded = await loader.load(encoded)
+    assert_loaded_512(loaded, SourceKind.URL, len(encoded.data))
+    assert loaded.fetch_seconds == encoded.read_seconds > 0.0
+    assert executor.jobs == ["_decode_job"]  # the body was hashed in place (small)
+
+
+async def test_read_refuses_what_load_refuses(loader: ImageLoader) -> None:
+    with pytest.raises(UnsupportedMediaTypeError):
+        await loader.read("data:text/plain;base64,aGVsbG8=")
+    with pytest.raises(MediaAccessDeniedError):
+        await loader.read("../outside.jpg")
 
 
 async def test_same_pixels_whatever_the_source(

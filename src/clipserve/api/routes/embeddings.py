@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from clipserve.api.deps import CallerDep, EngineDep, InputsDep, SettingsDep
 from clipserve.api.errors import OpenAIRoute
 from clipserve.api.schemas.embeddings import (
+    CACHE_DESCRIPTION,
     EmbeddingData,
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -74,7 +75,7 @@ async def embed(
     """Embed one text with the default text model (setting `default_text_model`)."""
     await inputs(1, "inputs")
     embedded = await engine.embed(
-        settings.text_model, [Content.text(body.input_text)], client=caller
+        settings.text_model, [Content.text(body.input_text)], client=caller, cache=body.cache
     )
     return EmbedResponse(embedding=embedded.vectors[0].tolist(), model=embedded.model)
 
@@ -93,7 +94,9 @@ async def create_embeddings(
     `{"type": "image_url", "image_url": {"url": ...}}` items (texts and images may be mixed)."""
     contents = _contents(body)
     await inputs(len(contents), "inputs")
-    embedded = await engine.embed(body.model, contents, dimensions=body.dimensions, client=caller)
+    embedded = await engine.embed(
+        body.model, contents, dimensions=body.dimensions, client=caller, cache=body.cache
+    )
     return _response(embedded, body.encoding_format)
 
 
@@ -106,6 +109,7 @@ async def embed_uploaded_images(
     inputs: InputsDep,
     model: Annotated[str | None, Form()] = None,
     encoding_format: Annotated[EncodingFormat, Form()] = "float",
+    cache: Annotated[bool, Form(description=CACHE_DESCRIPTION)] = True,
 ) -> EmbeddingsResponse:
     """Embed uploaded image files (multipart/form-data); the response is shaped as
     `/v1/embeddings`'s, one embedding per file in upload order."""
@@ -116,5 +120,6 @@ async def embed_uploaded_images(
         [Content.image(data) for data in images],
         where=lambda i: f"files[{i}]",
         client=caller,
+        cache=cache,
     )
     return _response(embedded, encoding_format)

@@ -9,10 +9,14 @@ from pydantic import BaseModel, Field
 from clipserve.api.schemas.inputs import InputItem, OpenAIBaseModel
 
 EncodingFormat = Literal["float", "base64"]
+CACHE_DESCRIPTION = (
+    "false: compute every embedding, neither reading nor filling the server's embedding cache."
+)
 
 
 class EmbedRequest(BaseModel):
     input_text: str = Field(min_length=1, max_length=1024, description="The text to embed.")
+    cache: bool = Field(default=True, description=CACHE_DESCRIPTION)
 
 
 class EmbedResponse(BaseModel):
@@ -45,6 +49,7 @@ class EmbeddingsRequest(OpenAIBaseModel):
     modality: Literal["text", "image"] = Field(
         default="text", description="What plain strings in `input` are (Infinity-style)."
     )
+    cache: bool = Field(default=True, description=CACHE_DESCRIPTION)
 
 
 class EmbeddingData(BaseModel):

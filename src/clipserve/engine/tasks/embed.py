@@ -111,9 +111,11 @@ class Embedding:
         where: Where | None = None,
         dimensions: int | None = None,
         client: str | None = None,
+        cache: bool = True,
     ) -> Embeddings:
         """Embeddings of ``inputs``, or the first failing input's error, named ``where(i)`` (by
-        default ``input[i]``, and not for a lone input).
+        default ``input[i]``, and not for a lone input). ``cache=False``: neither read nor fill
+        the embedding cache (every input is computed).
 
         ``dimensions`` truncates (and re-normalises) the embeddings, where the model's spec says
         it was trained for that (``matryoshka_dims``); otherwise it must equal ``embed_dim``."""
@@ -121,7 +123,7 @@ class Embedding:
         name_of = where or _input
         refs = image_refs(core, inputs, name_of)
         name = core.resolve_model(model)
-        scope = core.scope(window, client)
+        scope = core.scope(window, client, cache=cache)
         async with core.serving(name, modalities_of(inputs), scope) as handle:
             if dimensions is not None:
                 self._check_dimensions(handle, dimensions)
@@ -151,7 +153,8 @@ class Embedding:
         scope: Scope,
     ) -> list[Encoded | ClipServeError]:
         """One outcome per input, in order, on a model already leased; ``refs`` from
-        :func:`image_refs` (text inputs must be strings)."""
+        :func:`image_refs` (text inputs must be strings). The cache is used as ``scope.cache``
+        says."""
         core = self._core
         texts = [c.value for c in inputs if c.modality == "text" and isinstance(c.value, str)]
         images = [r for r in refs if r is not None]
