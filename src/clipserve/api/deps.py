@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from clipserve.api.security import InputBudget, input_budget
+from clipserve.api.security import InputBudget, ItemCharge, input_budget, item_charge
 from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.observability.metrics import Metrics
@@ -43,3 +43,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 InputsDep = Annotated[InputBudget, Depends(input_budget)]
 """``await admit(n, what)``: the per-request input limit and the caller's item rate limit."""
+JobItemsDep = Annotated[ItemCharge, Depends(item_charge)]
+"""``await charge(n)``: a job's items against the caller's item rate (``jobs.max_items`` bounds
+its size)."""

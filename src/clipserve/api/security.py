@@ -271,6 +271,22 @@ async def input_budget(request: Request) -> InputBudget:
     return admit
 
 
+ItemCharge = Callable[[int], Awaitable[None]]
+
+
+async def item_charge(request: Request) -> ItemCharge:
+    """A dependency for jobs, whose size has its own limit (``jobs.max_items``): ``await
+    charge(n)`` counts ``n`` items against the caller's item rate."""
+    security: Security = request.app.state.security
+    caller: str | None = getattr(request.state, "caller", None)
+
+    async def charge(n: int) -> None:
+        if caller is not None:
+            await security.limiter.charge(caller, "items", n)
+
+    return charge
+
+
 def _check_count(n: int, what: str, limit: int) -> None:
     if n > limit:
         raise InvalidInputError(
