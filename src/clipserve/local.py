@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -22,9 +22,11 @@ from clipserve.config import Settings
 from clipserve.engine.core import prefetch_window
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader, ModelStatus
-from clipserve.engine.tasks.embed import Embeddings
+from clipserve.engine.tasks.embed import Content, Embeddings
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
+from clipserve.engine.tasks.search import AddResult, Collection, Item, StoreKind
 from clipserve.errors import InvalidInputError
+from clipserve.index import Hit, IndexKind, Metric
 from clipserve.media import ImageInput
 
 T = TypeVar("T")
@@ -114,6 +116,66 @@ class LocalModel:
     ) -> np.ndarray:
         """(n, d) float32 L2-normalised image embeddings (URLs, paths, data URIs, bytes, PIL)."""
         return self._run(self.engine.embed_images(self.name, images, window=_window(batch_size)))
+
+    # --- collections (the same as /v1/collections) ------------------------------------------
+
+    def create_collection(
+        self,
+        name: str,
+        *,
+        metric: Metric = "cosine",
+        index: IndexKind = "flat",
+        store: StoreKind = "local",
+        params: Mapping[str, Any] | None = None,
+    ) -> Collection:
+        """A new empty collection of this model's embeddings (under ``collections.data_dir``,
+        or on ``collections.milvus_uri`` with ``store="milvus"``)."""
+        return self._run(
+            self.engine.collections.create(
+                name, model=self.name, metric=metric, index=index, store=store, params=params
+            )
+        )
+
+    def add_to_collection(
+        self,
+        name: str,
+        ids: Sequence[str],
+        *,
+        texts: Sequence[str] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AddResult:
+        """Embed ``texts`` or ``images`` (one per id) with the collection's model and add them;
+        items that fail are in the result's ``errors``."""
+        if (texts is None) == (images is None):
+            raise InvalidInputError("give texts or images (one per id)")
+        contents = [Content.text(t) for t in texts] if texts is not None else []
+        contents += [Content.image(i) for i in images or ()]
+        if len(contents) != len(ids) or (metadata is not None and len(metadata) != len(ids)):
+            raise InvalidInputError(f"{len(ids)} ids need as many inputs and metadata")
+        meta: Sequence[Mapping[str, Any]] = metadata or [{}] * len(ids)
+        items = [Item(i, c, m) for i, c, m in zip(ids, contents, meta, strict=True)]
+        return self._run(self._collections_ready(self.engine.collections.add(name, items)))
+
+    def search(
+        self,
+        collection: str,
+        *,
+        text: str | None = None,
+        image: ImageInput | None = None,
+        text_weight: float = 0.5,
+        top_k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        """The ``top_k`` items of ``collection`` nearest to a text, an image or both."""
+        found = self.engine.collections.search(
+            collection, text=text, image=image, text_weight=text_weight, top_k=top_k, filter=filter
+        )
+        return self._run(self._collections_ready(found)).hits
+
+    async def _collections_ready(self, work: Coroutine[Any, Any, T]) -> T:
+        await self.engine.collections.start()  # opens the data directory if it exists
+        return await work
 
     def close(self) -> None:
         if self._engine is not None:

@@ -17,7 +17,17 @@ from clipserve.api.middleware import (
     ConcurrencyLimitMiddleware,
     RequestContextMiddleware,
 )
-from clipserve.api.routes import classify, embeddings, evaluation, health, models, rank, system
+from clipserve.api.routes import (
+    classify,
+    collections,
+    embeddings,
+    evaluation,
+    health,
+    jobs,
+    models,
+    rank,
+    system,
+)
 from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
 from clipserve.api.security import OPEN_PATHS, AccessMiddleware, Security
 from clipserve.config import Settings
@@ -99,6 +109,10 @@ def create_app(
         rank.router,
         classify.upload_router,
         classify.router,
+        jobs.upload_router,
+        jobs.router,
+        collections.upload_router,
+        collections.router,
         health.router,
         models.router,
         system.router,

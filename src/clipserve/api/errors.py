@@ -36,6 +36,10 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.UnsupportedModalityError, 400),
     (e.InvalidInputError, 422),
     (e.ModelNotFoundError, 404),
+    (e.JobNotFoundError, 404),
+    (e.CollectionNotFoundError, 404),
+    (e.ItemNotFoundError, 404),
+    (e.CollectionConflictError, 409),
     (e.ModelUnavailableError, 503),
     (e.EngineNotReadyError, 503),
     (e.QueueFullError, 429),
@@ -44,6 +48,7 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.InferenceTimeoutError, 504),
     (e.ConfigError, 422),
     (e.InferenceError, 500),
+    (e.IndexBackendError, 503),
 )
 
 

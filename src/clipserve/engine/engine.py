@@ -1,6 +1,6 @@
 """The engine: the core (:mod:`clipserve.engine.core`) with its tasks
-(:mod:`clipserve.engine.tasks`): evaluate, embed, rank and classify. This is what the service,
-the CLI and the Python API call."""
+(:mod:`clipserve.engine.tasks`): evaluate, embed, rank and classify, and jobs of them
+(:mod:`clipserve.engine.jobs`). This is what the service, the CLI and the Python API call."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import numpy as np
 
 from clipserve.config import Settings
 from clipserve.engine.core import EngineCore
+from clipserve.engine.jobs import Jobs
 from clipserve.engine.registry import BackendLoader
 from clipserve.engine.tasks.embed import Content, Embedding, Embeddings, Where
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult, Evaluation, ProgressCallback
+from clipserve.engine.tasks.job_chunks import JobChunks
 from clipserve.engine.tasks.retrieve import Classification, Ranking, Retrieval
+from clipserve.engine.tasks.search import Collections
 from clipserve.media import ImageInput
 from clipserve.observability.metrics import Metrics
 
@@ -30,6 +33,22 @@ class Engine(EngineCore):
         self._evaluation = Evaluation(self)
         self._embedding = Embedding(self)
         self.retrieval = Retrieval(self, self._embedding)
+        self.jobs = Jobs(settings.jobs, JobChunks(self, self._embedding, self._evaluation))
+        self.collections = Collections(self, self._embedding, settings.collections)
+
+    async def start(self) -> None:
+        await super().start()
+        await self.collections.start()
+        await self.jobs.start()
+
+    async def close(self) -> None:
+        """Jobs stop first (in Redis, their interrupted chunks go back on the queue), then the
+        core drains and unloads, then collections are saved and closed."""
+        await self.jobs.close()
+        try:
+            await super().close()
+        finally:
+            await self.collections.close()
 
     async def evaluate(
         self,
@@ -58,10 +77,18 @@ class Engine(EngineCore):
         where: Where | None = None,
         dimensions: int | None = None,
         client: str | None = None,
+        cache: bool = True,
     ) -> Embeddings:
-        """L2-normalised embeddings in input order; raises the first failing input's error."""
+        """L2-normalised embeddings in input order; raises the first failing input's error.
+        ``cache=False``: the embedding cache is neither read nor filled."""
         return await self._embedding.run(
-            model, inputs, window=window, where=where, dimensions=dimensions, client=client
+            model,
+            inputs,
+            window=window,
+            where=where,
+            dimensions=dimensions,
+            client=client,
+            cache=cache,
         )
 
     async def embed_texts(

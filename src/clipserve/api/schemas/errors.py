@@ -26,7 +26,8 @@ class OpenAIErrorResponse(BaseModel):
 _STATUSES: dict[int, str] = {
     400: "Undecodable or refused media, or a model that cannot take this input",
     401: "API keys are required: none or a wrong one was sent",
-    404: "Unknown (or disabled) model",
+    404: "Unknown (or disabled) model, or no such job, collection or item",
+    409: "A collection with this name already exists",
     413: "Request body or image too large",
     415: "Not an image type",
     422: "Validation failed, or a limit was exceeded",
