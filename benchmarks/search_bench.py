@@ -33,10 +33,9 @@ from clipserve.engine.tasks.search import Item
 
 
 def _photos(n: int, size: int) -> list[bytes]:
-    base = sample_images()
     out = []
-    for i in range(n):
-        image = base[i % len(base)].convert("RGB").resize((size, size))
+    for i, photo in enumerate(sample_images(n, size)):
+        image = photo.convert("RGB").resize((size, size))
         image.putpixel((i % size, (i // size) % size), (i % 256, 7, 7))  # distinct bytes
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
