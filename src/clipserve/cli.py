@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ from rich.text import Text
 
 from clipserve.config import Settings
 from clipserve.errors import ConfigError
+from clipserve.observability.logging import configure_logging
 
 app = typer.Typer(
     name="clipserve",
@@ -46,21 +45,6 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _configure_logging(level: str) -> dict[str, Any]:
-    """Put our logging (the root logger) at ``level``; return uvicorn's logging config with the
-    same level. uvicorn's ``log_level`` alone sets ``uvicorn.error`` and ``uvicorn.access`` but
-    leaves the ``uvicorn`` logger of its default config at INFO."""
-    import uvicorn.config
-
-    level = level.upper()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)  # basicConfig leaves the level alone if already set up
-    log_config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    for logger_config in log_config["loggers"].values():
-        logger_config["level"] = level
-    return log_config
-
-
 def build_settings(**flags: Any) -> Settings:
     """Settings from the environment; the flags that were given win (nested ones merged)."""
     try:
@@ -85,6 +69,10 @@ def serve(
     log_level: Annotated[
         str | None,
         typer.Option(help="debug | info | warning | error, any case (else $LOG_LEVEL; info)."),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="json | console | auto: json unless stderr is a terminal ($LOG_FORMAT)."),
     ] = None,
     media_root: Annotated[
         Path | None, typer.Option(help="Serve local image paths from under this folder.")
@@ -132,6 +120,7 @@ def serve(
             "host": host,
             "port": port,
             "log_level": log_level,
+            "log_format": log_format,
             "max_concurrent_requests": max_concurrent_requests,
         },
         media={"media_root": media_root},
@@ -146,7 +135,7 @@ def serve(
             "request_timeout": request_timeout,
         },
     )
-    log_config = _configure_logging(settings.server.log_level)
+    log_config = configure_logging(settings.server.log_level, settings.server.log_format)
     try:
         application = create_app(settings, freeze_heap=True)
         uvicorn.run(

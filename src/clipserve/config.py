@@ -167,6 +167,9 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: LogLevel = Field(default="info", description="any case: DEBUG, info...")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="json lines, console text, or auto: json unless a terminal"
+    )
     max_batch_items: int = Field(
         default=1000, gt=0, description="inputs per request (evaluations, texts, documents...)"
     )
@@ -288,6 +291,7 @@ class _PlainEnv:
 # Of two names for one field, the first listed wins (MAX_BATCH_SIZE over BATCH_SIZE).
 _PLAIN_ENV: tuple[_PlainEnv, ...] = (
     _PlainEnv("LOG_LEVEL", ("server", "log_level"), _log_level),
+    _PlainEnv("LOG_FORMAT", ("server", "log_format")),
     _PlainEnv("MODEL_NAME", ("default_text_model",)),
     _PlainEnv("CLIP_MODEL", ("clip_model",)),
     _PlainEnv("MAX_BATCH_SIZE", ("batching", "max_batch_size")),

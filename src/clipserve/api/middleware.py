@@ -15,9 +15,11 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clipserve.observability.logging import ACCESS_LOGGER
 from clipserve.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -27,8 +29,8 @@ CLIENT_CLOSED_REQUEST = 499
 
 class RequestContextMiddleware:
     """Sets ``request.state.request_id`` (a sane ``X-Request-ID`` or a new uuid), echoes it, adds
-    ``X-Process-Time-Ms``, and records ``http_requests_total`` /
-    ``http_request_duration_seconds``."""
+    ``X-Process-Time-Ms``, records ``http_requests_total`` / ``http_request_duration_seconds``,
+    and writes the request's access line (with what the route left in ``state["log"]``)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -66,9 +68,24 @@ class RequestContextMiddleware:
             if method not in _METHODS:  # a label never takes a value the client chose
                 method = "other"
             self.metrics.http_requests_total.labels(method, endpoint, str(status)).inc()
-            self.metrics.http_request_duration_seconds.labels(method, endpoint).observe(
-                time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            self.metrics.http_request_duration_seconds.labels(method, endpoint).observe(elapsed)
+            if access.isEnabledFor(logging.INFO):
+                access.info(
+                    "%s %s %d %.1f ms",
+                    method,
+                    endpoint,
+                    status,
+                    elapsed * 1000,
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "route": endpoint,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        **scope["state"].get("log", {}),
+                    },
+                )
 
 
 class CancelOnDisconnectMiddleware:

@@ -264,6 +264,7 @@ async def input_budget(request: Request) -> InputBudget:
     caller: str | None = getattr(request.state, "caller", None)
 
     async def admit(n: int, what: str) -> None:
+        request.state.log = {"items": n}
         _check_count(n, what, limit)
         if caller is not None:
             await security.limiter.charge(caller, "items", n)
@@ -281,6 +282,7 @@ async def item_charge(request: Request) -> ItemCharge:
     caller: str | None = getattr(request.state, "caller", None)
 
     async def charge(n: int) -> None:
+        request.state.log = {"items": n}
         if caller is not None:
             await security.limiter.charge(caller, "items", n)
 
