@@ -45,6 +45,29 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _serve_workers(settings: Settings, workers: int, options: dict[str, Any]) -> None:
+    """uvicorn's worker processes, each building the app from these settings (a file named in
+    their environment), their metrics in one ``PROMETHEUS_MULTIPROC_DIR`` (emptied first: values
+    left by an earlier run would be counted again; a temporary one unless set)."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from clipserve.api.app import SETTINGS_FILE_ENV
+
+    with tempfile.TemporaryDirectory(prefix="clipserve-") as scratch:
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(scratch, "metrics")
+        os.makedirs(metrics_dir, exist_ok=True)
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink()
+        settings_file = Path(scratch) / "settings.json"
+        settings_file.write_text(settings.model_dump_json())
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ[SETTINGS_FILE_ENV] = str(settings_file)
+        uvicorn.run("clipserve.api.app:worker_app", factory=True, workers=workers, **options)
+
+
 def build_settings(**flags: Any) -> Settings:
     """Settings from the environment; the flags that were given win (nested ones merged)."""
     try:
@@ -74,6 +97,14 @@ def serve(
         str | None,
         typer.Option(help="json | console | auto: json unless stderr is a terminal ($LOG_FORMAT)."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes, each with its own models (metrics merged through "
+            "$PROMETHEUS_MULTIPROC_DIR).",
+        ),
+    ] = 1,
     media_root: Annotated[
         Path | None, typer.Option(help="Serve local image paths from under this folder.")
     ] = None,
@@ -136,17 +167,19 @@ def serve(
         },
     )
     log_config = configure_logging(settings.server.log_level, settings.server.log_format)
+    options: dict[str, Any] = {
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "log_level": settings.server.log_level,
+        "log_config": log_config,
+        # Open requests get the drain timeout; the batcher then drains what is left.
+        "timeout_graceful_shutdown": max(1, round(settings.batching.drain_timeout)),
+    }
     try:
-        application = create_app(settings, freeze_heap=True)
-        uvicorn.run(
-            application,
-            host=settings.server.host,
-            port=settings.server.port,
-            log_level=settings.server.log_level,
-            log_config=log_config,
-            # Open requests get the drain timeout; the batcher then drains what is left.
-            timeout_graceful_shutdown=max(1, round(settings.batching.drain_timeout)),
-        )
+        if workers > 1:
+            _serve_workers(settings, workers, options)
+        else:
+            uvicorn.run(create_app(settings, freeze_heap=True), **options)
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc.message}")
         raise typer.Exit(2) from exc

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -121,3 +123,15 @@ def create_app(
         app.include_router(router, responses=errors)
     app.include_router(embeddings.openai_router, responses=openai_errors)
     return app
+
+
+SETTINGS_FILE_ENV = "CLIPSERVE_SETTINGS_FILE"
+"""Where ``clipserve serve --workers N`` leaves the settings it built (flags included) for its
+worker processes, each of which builds its app with :func:`worker_app`."""
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker of ``clipserve serve --workers N`` (uvicorn's factory): the very
+    settings the command built, read back from the file it named."""
+    settings = Settings.model_validate_json(Path(os.environ[SETTINGS_FILE_ENV]).read_text())
+    return create_app(settings, freeze_heap=True)

@@ -2,10 +2,18 @@
 
 Names the API contract fixes (``http_requests_total``, ``clip_score_distribution``...) are kept
 exactly; metrics of our own are prefixed ``clipserve_``.
+
+With several workers (``clipserve serve --workers N``), ``PROMETHEUS_MULTIPROC_DIR`` (the seed's
+name; ``serve`` sets and empties one) makes prometheus_client keep every value in memory-mapped
+files there, and :meth:`Metrics.render` merges all workers' files, so one scrape, whichever
+worker answers it, shows the whole server: counters and histograms summed, gauges by their
+``multiprocess_mode`` (queue depths summed over live workers, load times the maximum, the last
+batch's efficiency the most recent).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar, cast
 
 from prometheus_client import (
@@ -17,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -32,6 +41,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        """Set when the values live in files shared by the workers (read by prometheus_client
+        at import, so it is read here too, not through Settings)."""
         self._per_model: list[MetricWrapperBase] = []
         self.http_requests_total = self._add(
             Counter,
@@ -72,12 +84,14 @@ class Metrics:
             "model_load_time_seconds",
             "Seconds the last successful load of each model took",
             ["model"],
+            multiprocess_mode="max",
         )
         self.model_warmup_time_seconds = self._add(
             Gauge,
             "clipserve_model_warmup_time_seconds",
             "Seconds the last successful warm-up (POST /api/v1/warmup) of each model took",
             ["model"],
+            multiprocess_mode="max",
         )
         self.evaluation_errors_total = self._add(
             Counter,
@@ -89,6 +103,7 @@ class Metrics:
             Gauge,
             "batch_processing_efficiency",
             "Items per second of the most recent batch evaluation request",
+            multiprocess_mode="mostrecent",
         )
         self.forward_batch_size = self._add(
             Histogram,
@@ -108,6 +123,7 @@ class Metrics:
             "clipserve_model_state",
             "1 for the current load state of each model config",
             ["model", "state"],
+            multiprocess_mode="livemax",
         )
 
         # The dynamic batcher (names fixed by the API contract).
@@ -151,12 +167,14 @@ class Metrics:
             "batcher_queue_size",
             "Items waiting in each batcher queue",
             ["model", "modality"],
+            multiprocess_mode="livesum",
         )
         self.batcher_inflight_batches = self._add(
             Gauge,
             "batcher_inflight_batches",
             "Batches formed and not yet finished, per device",
             ["device"],
+            multiprocess_mode="livesum",
         )
 
         self.rate_limit_storage_errors_total = self._add(
@@ -182,10 +200,16 @@ class Metrics:
             ["model", "modality", "tier"],
         )
         self.cache_bytes = self._add(
-            Gauge, "clipserve_cache_bytes", "Bytes held by the in-process embedding cache"
+            Gauge,
+            "clipserve_cache_bytes",
+            "Bytes held by the in-process embedding cache (summed over workers)",
+            multiprocess_mode="livesum",
         )
         self.cache_entries = self._add(
-            Gauge, "clipserve_cache_entries", "Embeddings held by the in-process embedding cache"
+            Gauge,
+            "clipserve_cache_entries",
+            "Embeddings held by the in-process embedding cache (summed over workers)",
+            multiprocess_mode="livesum",
         )
         self.cache_evictions_total = self._add(
             Counter,
@@ -222,4 +246,9 @@ class Metrics:
             metric.remove_by_labels({"model": model})
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        """The exposition: this registry, or with several workers every worker's files."""
+        if self.multiprocess_dir is None:
+            return bytes(generate_latest(self.registry))
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return bytes(generate_latest(merged))
