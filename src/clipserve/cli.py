@@ -566,5 +566,49 @@ def search(
     Console().print(table)
 
 
+@app.command()
+def profile(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model config name.")] = None,
+    modality: Annotated[str, typer.Option(help="image or text.")] = "image",
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Inputs per pass.")] = 8,
+    passes: Annotated[int, typer.Option(min=1, max=100, help="Profiled forward passes.")] = 10,
+    output: Annotated[
+        Path | None, typer.Option(help="Folder of the Chrome trace (else server.profile_dir).")
+    ] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """torch.profiler over forward passes of a model: the top operators by self time, peak
+    memory, and a Chrome trace (as POST /v1/system/profile does on a running server)."""
+    import asyncio
+
+    from clipserve.engine.engine import Engine
+    from clipserve.engine.profiler import format_report
+    from clipserve.errors import ClipServeError
+
+    if modality not in ("image", "text"):
+        console.print(f"[red]error:[/red] --modality is image or text, not {modality}")
+        raise typer.Exit(2)
+    settings = build_settings(config_path=config, device=device, server={"profile_dir": output})
+
+    async def run() -> list[str]:
+        async with Engine(settings) as engine:
+            report = await engine.profile(
+                model,
+                "image" if modality == "image" else "text",
+                batch_size=batch_size,
+                passes=passes,
+            )
+        return format_report(report)
+
+    try:
+        lines = asyncio.run(run())
+    except ClipServeError as exc:
+        console.print(Text.assemble(("error: ", "red"), exc.message))
+        raise typer.Exit(1) from exc
+    for line in lines:
+        typer.echo(line)
+
+
 def main() -> None:
     app()

@@ -167,6 +167,9 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: LogLevel = Field(default="info", description="any case: DEBUG, info...")
+    profile_dir: Path | None = Field(
+        default=None, description="where profiler traces go (default: <tmp>/clipserve-profiles)"
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="json lines, console text, or auto: json unless a terminal"
     )
@@ -362,8 +365,13 @@ class AuthSettings(BaseModel):
     public_health: bool = Field(
         default=True, description="health, readiness and metrics answer without a key"
     )
+    admin_keys: tuple[str, ...] = Field(
+        default=(),
+        description="hashed keys that may also use the admin endpoints (the profiler); "
+        "they are valid API keys too",
+    )
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _check_hashes(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         for key in keys:
@@ -376,7 +384,7 @@ class AuthSettings(BaseModel):
 
     @property
     def enabled(self) -> bool:
-        return bool(self.api_keys) or self.api_keys_file is not None
+        return bool(self.api_keys or self.admin_keys) or self.api_keys_file is not None
 
 
 class RateLimitSettings(BaseModel):

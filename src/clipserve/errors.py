@@ -142,6 +142,10 @@ class AuthenticationError(ClipServeError):
     """API keys are required and the request has none, or a wrong one."""
 
 
+class ForbiddenError(ClipServeError):
+    """The key is valid but may not do this (an admin endpoint without an admin key)."""
+
+
 class RateLimitedError(ClipServeError):
     """The client (API key or address) exceeded its request or item rate."""
 

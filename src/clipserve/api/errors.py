@@ -45,6 +45,7 @@ _STATUS: tuple[tuple[type[e.ClipServeError], int], ...] = (
     (e.QueueFullError, 429),
     (e.RateLimitedError, 429),
     (e.AuthenticationError, 401),
+    (e.ForbiddenError, 403),
     (e.InferenceTimeoutError, 504),
     (e.ConfigError, 422),
     (e.InferenceError, 500),

@@ -31,6 +31,7 @@ from clipserve.errors import (
     ClipServeError,
     ConfigError,
     EngineNotReadyError,
+    ForbiddenError,
     InvalidInputError,
     RateLimitedError,
 )
@@ -76,7 +77,8 @@ class ApiKeys:
 
     def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.monotonic):
         self.enabled = settings.enabled
-        self._inline = frozenset(settings.api_keys)
+        self._inline = frozenset(settings.api_keys) | frozenset(settings.admin_keys)
+        self._admin = frozenset(settings.admin_keys)
         self._file = settings.api_keys_file
         self._clock = clock
         self._file_keys: frozenset[str] = frozenset()
@@ -133,6 +135,11 @@ class ApiKeys:
         if digest in self._inline or digest in self._file_keys:
             return f"key:{digest[:12]}"
         raise AuthenticationError("invalid API key")
+
+    def is_admin(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        return hashlib.sha256(presented.encode("utf-8")).hexdigest() in self._admin
 
 
 def presented_key(request: Request) -> str | None:
@@ -320,3 +327,11 @@ def counted_before_validation(
             _check_count(len(items), what or field, limit)
 
     return check
+
+
+async def require_admin(request: Request) -> None:
+    """A route dependency: with API keys on, only an admin key (``auth.admin_keys``) may pass
+    (403 otherwise); without keys, the service is open, as every other route."""
+    security: Security = request.app.state.security
+    if security.keys.enabled and not security.keys.is_admin(presented_key(request)):
+        raise ForbiddenError("this endpoint needs an admin key (auth.admin_keys)")

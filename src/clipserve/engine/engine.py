@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +13,7 @@ import numpy as np
 from clipserve.config import Settings
 from clipserve.engine.core import EngineCore
 from clipserve.engine.jobs import Jobs
+from clipserve.engine.profiler import ProfileReport, profile_model, trace_folder
 from clipserve.engine.registry import BackendLoader
 from clipserve.engine.tasks.embed import Content, Embedding, Embeddings, Where
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult, Evaluation, ProgressCallback
@@ -18,6 +21,7 @@ from clipserve.engine.tasks.job_chunks import JobChunks
 from clipserve.engine.tasks.retrieve import Classification, Ranking, Retrieval
 from clipserve.engine.tasks.search import Collections
 from clipserve.media import ImageInput
+from clipserve.models.base import Modality
 from clipserve.observability.metrics import Metrics
 
 
@@ -35,6 +39,19 @@ class Engine(EngineCore):
         self.retrieval = Retrieval(self, self._embedding)
         self.jobs = Jobs(settings.jobs, JobChunks(self, self._embedding, self._evaluation))
         self.collections = Collections(self, self._embedding, settings.collections)
+
+    async def profile(
+        self, model: str | None, modality: Modality, *, batch_size: int, passes: int
+    ) -> ProfileReport:
+        """torch.profiler over ``passes`` dummy batches of ``model`` (:mod:`.profiler`); the
+        Chrome trace goes under ``server.profile_dir``."""
+        name = self.resolve_model(model)
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        trace = trace_folder(self.settings.server.profile_dir) / f"{name}-{modality}-{stamp}.json"
+        async with self.registry.use(name) as handle:
+            return await profile_model(
+                handle, modality, batch_size=batch_size, passes=passes, trace=trace
+            )
 
     async def start(self) -> None:
         await super().start()

@@ -1,16 +1,18 @@
-"""Service facts and warm-up: GET /v1/system/status, GET /api/v1/capabilities and
-POST /api/v1/warmup."""
+"""Service facts, warm-up and the profiler: GET /v1/system/status, GET /api/v1/capabilities,
+POST /api/v1/warmup, POST /v1/system/profile and GET /v1/system/profiles/{file} (admin)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import platform
+import re
 import time
 
 import PIL
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
 
 from clipserve import __version__
 from clipserve.api.deps import EngineDep
@@ -20,17 +22,22 @@ from clipserve.api.schemas.system import (
     GpuMemory,
     ModelCapabilities,
     ModelWarmup,
+    ProfiledOperator,
+    ProfileRequest,
+    ProfileResponse,
     QueueCapabilities,
     StatusResponse,
     WarmupPass,
     WarmupRequest,
     WarmupResponse,
 )
+from clipserve.api.security import require_admin
 from clipserve.config import Settings
 from clipserve.engine.batcher import QueueStats
+from clipserve.engine.profiler import trace_folder
 from clipserve.engine.registry import ModelState, ModelStatus
 from clipserve.engine.warmup import WarmupReport
-from clipserve.errors import ModelLoadError
+from clipserve.errors import ItemNotFoundError, ModelLoadError
 from clipserve.models.loader import dtype_name, resolve_device, resolve_dtype
 from clipserve.observability.system import backend_packages, gpu_memory
 
@@ -173,3 +180,41 @@ async def capabilities(engine: EngineDep) -> CapabilitiesResponse:
             if s.loaded and s.info is not None
         ],
     )
+
+
+_TRACE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}\.json$")
+
+
+@router.post(
+    "/v1/system/profile", response_model=ProfileResponse, dependencies=[Depends(require_admin)]
+)
+async def profile(body: ProfileRequest, engine: EngineDep) -> ProfileResponse:
+    """torch.profiler over `passes` dummy batches of `batch_size` on the model's device thread
+    (between live batches, never beside one): the top operators by self CPU time, peak device
+    memory, and a Chrome trace to download. Admin only when API keys are on."""
+    report = await engine.profile(
+        body.model, body.modality, batch_size=body.batch_size, passes=body.passes
+    )
+    return ProfileResponse(
+        model=report.model,
+        modality=report.modality,
+        batch_size=report.batch_size,
+        passes=report.passes,
+        wall_ms=round(report.wall_ms, 2),
+        peak_memory_mb=report.peak_memory_mb,
+        operators=[ProfiledOperator(**dataclasses.asdict(op)) for op in report.operators],
+        trace_url=f"/v1/system/profiles/{report.trace.name}",
+    )
+
+
+@router.get(
+    "/v1/system/profiles/{file}",
+    response_class=FileResponse,
+    dependencies=[Depends(require_admin)],
+)
+async def profile_trace(file: str, engine: EngineDep) -> FileResponse:
+    """A Chrome trace written by `POST /v1/system/profile`."""
+    path = trace_folder(engine.settings.server.profile_dir) / file
+    if not _TRACE_NAME.match(file) or not path.is_file():
+        raise ItemNotFoundError("profiles", file)
+    return FileResponse(path, media_type="application/json")

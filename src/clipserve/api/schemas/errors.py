@@ -26,6 +26,7 @@ class OpenAIErrorResponse(BaseModel):
 _STATUSES: dict[int, str] = {
     400: "Undecodable or refused media, or a model that cannot take this input",
     401: "API keys are required: none or a wrong one was sent",
+    403: "An admin endpoint, and the key is not an admin key",
     404: "Unknown (or disabled) model, or no such job, collection or item",
     409: "A collection with this name already exists",
     413: "Request body or image too large",

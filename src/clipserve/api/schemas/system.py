@@ -159,3 +159,34 @@ class CapabilitiesResponse(BaseModel):
     gpu: list[GpuMemory] | None = Field(description="Per CUDA device; null without CUDA.")
     max_batch_size: int = Field(description="Configured items per forward pass.")
     models: list[ModelCapabilities] = Field(description="Loaded models.")
+
+
+class ProfileRequest(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
+
+    model: str | None = Field(default=None, description="Config name (default model).")
+    modality: Literal["image", "text"] = "image"
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    passes: int = Field(default=10, ge=1, le=100)
+
+
+class ProfiledOperator(BaseModel):
+    name: str
+    calls: int
+    self_cpu_ms: float
+    cpu_ms: float
+    self_device_ms: float
+    self_cpu_memory_mb: float
+
+
+class ProfileResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    modality: str
+    batch_size: int
+    passes: int
+    wall_ms: float
+    peak_memory_mb: float | None = Field(description="Peak device memory (CUDA only).")
+    operators: list[ProfiledOperator] = Field(description="Top operators by self CPU time.")
+    trace_url: str = Field(description="The Chrome trace (chrome://tracing, Perfetto).")
