@@ -589,7 +589,12 @@ def profile(
     if modality not in ("image", "text"):
         console.print(f"[red]error:[/red] --modality is image or text, not {modality}")
         raise typer.Exit(2)
-    settings = build_settings(config_path=config, device=device, server={"profile_dir": output})
+    settings = build_settings(
+        config_path=config,
+        device=device,
+        server={"profile_dir": output},
+        batching={"max_batch_size": batch_size},  # in-process: the size asked for is the limit
+    )
 
     async def run() -> list[str]:
         async with Engine(settings) as engine:

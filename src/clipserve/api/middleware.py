@@ -68,6 +68,7 @@ class RequestContextMiddleware:
             if method not in _METHODS:  # a label never takes a value the client chose
                 method = "other"
             self.metrics.http_requests_total.labels(method, endpoint, str(status)).inc()
+            self.metrics.recent.record(status)
             elapsed = time.perf_counter() - started
             self.metrics.http_request_duration_seconds.labels(method, endpoint).observe(elapsed)
             if access.isEnabledFor(logging.INFO):

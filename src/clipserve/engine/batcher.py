@@ -137,6 +137,8 @@ class QueueStats:
     """Event-loop time of the last failed input."""
     running_for_s: float = 0.0
     """How long the oldest batch in flight has been running."""
+    oldest_wait_s: float = 0.0
+    """How long the oldest queued item has waited (0 with none queued)."""
     probed_batch_size: int | None = None
     """What the start-up probe found fits the device's free memory; None without a probe (the
     CPU), before it ends, or when it failed."""
@@ -656,6 +658,7 @@ class BatchQueue(Generic[P, R]):
             last_error=self.last_error,
             last_failure_at=self.last_failure_at,
             running_for_s=0.0 if oldest is None else now - oldest,
+            oldest_wait_s=now - self._items[0].enqueued_at if self._items else 0.0,
             probed_batch_size=self.probed_batch_size,
         )
 

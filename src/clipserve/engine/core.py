@@ -46,6 +46,7 @@ from clipserve.media import ImageLoader
 from clipserve.models.base import Modality
 from clipserve.models.loader import load_backend
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.system import gpu_memory
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class EngineCore:
             on_load=self.encoder.build_queues,
             on_unload=self._unloaded,
         )
+        self.metrics.before_scrape.append(self._refresh_gauges)
         self._warmup = Warmup(
             self.registry, self.metrics, timeout_s=settings.batching.request_timeout
         )
@@ -127,6 +129,21 @@ class EngineCore:
             await self.cache.close()
         await self.images.aclose()
         self.executors.shutdown(max(0.0, deadline - loop.time()))
+
+    def _refresh_gauges(self) -> None:
+        """At each scrape: the age of each queue's oldest item, and GPU memory."""
+        try:
+            asyncio.get_running_loop()  # queue ages are on the loop's clock
+        except RuntimeError:
+            return
+        for queue in self.batcher.stats().queues:
+            self.metrics.batcher_oldest_item_age_seconds.labels(queue.model, queue.modality).set(
+                queue.oldest_wait_s
+            )
+        for gpu in gpu_memory() or ():
+            for kind in ("total", "free", "allocated", "reserved"):
+                value = getattr(gpu, f"{kind}_mb") * 2**20
+                self.metrics.gpu_memory_bytes.labels(gpu.device, kind).set(value)
 
     async def _unloaded(self, handle: ModelHandle) -> None:
         """A model unloads (a reload, a config change, shutdown): its queues close, and its

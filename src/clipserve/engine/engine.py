@@ -20,6 +20,7 @@ from clipserve.engine.tasks.evaluate import EvalItem, EvalResult, Evaluation, Pr
 from clipserve.engine.tasks.job_chunks import JobChunks
 from clipserve.engine.tasks.retrieve import Classification, Ranking, Retrieval
 from clipserve.engine.tasks.search import Collections
+from clipserve.errors import InvalidInputError
 from clipserve.media import ImageInput
 from clipserve.models.base import Modality
 from clipserve.observability.metrics import Metrics
@@ -46,6 +47,12 @@ class Engine(EngineCore):
         """torch.profiler over ``passes`` dummy batches of ``model`` (:mod:`.profiler`); the
         Chrome trace goes under ``server.profile_dir``."""
         name = self.resolve_model(model)
+        limit = self.settings.batching.max_batch_size
+        if batch_size > limit:
+            raise InvalidInputError(
+                f"batch_size {batch_size} is above the service's max_batch_size ({limit}): "
+                "profile the batches it runs"
+            )
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         trace = trace_folder(self.settings.server.profile_dir) / f"{name}-{modality}-{stamp}.json"
         async with self.registry.use(name) as handle:

@@ -14,6 +14,7 @@ batch's efficiency the most recent).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from prometheus_client import (
@@ -26,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from clipserve.observability.window import RequestWindow
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -42,6 +45,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.recent = RequestWindow()
+        """Requests of the last five minutes (health and status report the error rate)."""
+        self.before_scrape: list[Callable[[], None]] = []
+        """Refresh the gauges that are a reading of now (queue ages, GPU memory)."""
         """Set when the values live in files shared by the workers (read by prometheus_client
         at import, so it is read here too, not through Settings)."""
         self._per_model: list[MetricWrapperBase] = []
@@ -169,6 +176,20 @@ class Metrics:
             ["model", "modality"],
             multiprocess_mode="livesum",
         )
+        self.batcher_oldest_item_age_seconds = self._add(
+            Gauge,
+            "batcher_oldest_item_age_seconds",
+            "How long the oldest item of each batcher queue has waited (at the last scrape)",
+            ["model", "modality"],
+            multiprocess_mode="livemax",
+        )
+        self.gpu_memory_bytes = self._add(
+            Gauge,
+            "clipserve_gpu_memory_bytes",
+            "CUDA memory by device and kind (total, free, allocated, reserved), at the last scrape",
+            ["device", "kind"],
+            multiprocess_mode="livemax",
+        )
         self.batcher_inflight_batches = self._add(
             Gauge,
             "batcher_inflight_batches",
@@ -246,7 +267,11 @@ class Metrics:
             metric.remove_by_labels({"model": model})
 
     def render(self) -> bytes:
-        """The exposition: this registry, or with several workers every worker's files."""
+        """The exposition: this registry, or with several workers every worker's files (the
+        scrape-time gauges then as the answering worker read them now and the others at their
+        last scrape)."""
+        for refresh in self.before_scrape:
+            refresh()
         if self.multiprocess_dir is None:
             return bytes(generate_latest(self.registry))
         merged = CollectorRegistry()

@@ -103,3 +103,26 @@ async def test_openapi_docs_are_served_with_examples(client: Any) -> None:
     assert "/evaluator/v1/evaluation/single" in spec["paths"]
     schema = spec["components"]["schemas"]["EvaluationRequest"]
     assert schema["examples"][0]["model_config_name"] == "fast"
+
+
+async def test_status_and_health_report_recent_requests_and_scrapes_read_queue_ages(
+    client_for: Any, make_settings: Any
+) -> None:
+    from clipserve.testing import FakeLoader
+
+    client = await client_for(make_settings(), FakeLoader())
+    for _ in range(3):
+        assert (
+            await client.post("/v1/embeddings", json={"model": "fast", "input": "x"})
+        ).is_success
+    await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    status = (await client.get("/v1/system/status")).json()
+    assert status["recent"]["window_s"] == 300.0
+    assert status["recent"]["requests"] == 4
+    assert status["recent"]["server_errors"] == 0
+    assert status["recent"]["error_rate"] == 0.0
+    assert status["gpu"] is None  # no CUDA here
+    health = (await client.get("/evaluator/health")).json()
+    assert health["recent"]["requests"] == 5  # and the status request
+    metrics = (await client.get("/metrics")).text
+    assert 'batcher_oldest_item_age_seconds{modality="text",model="fast"} 0.0' in metrics

@@ -22,6 +22,7 @@ from clipserve.api.schemas.system import (
     HealthResponse,
     QueueInfo,
     ReadyResponse,
+    RecentRequestsInfo,
     ServiceHealth,
 )
 from clipserve.engine.batcher import BatcherStats
@@ -31,6 +32,7 @@ from clipserve.engine.registry import ModelState, ModelStatus
 from clipserve.errors import ModelLoadError, ModelNotFoundError
 from clipserve.models.loader import resolve_device
 from clipserve.observability.system import gpu_memory
+from clipserve.observability.window import RecentRequests
 
 router = APIRouter(tags=["system"])
 
@@ -149,6 +151,17 @@ async def evaluator_health(engine: EngineDep) -> HealthResponse:
         models={s.name: s.state.value for s in statuses},
         model_errors=errors,
         gpu=[GpuMemory(**dataclasses.asdict(g)) for g in gpus] if gpus is not None else None,
+        recent=recent_requests(engine.metrics.recent.recent()),
+    )
+
+
+def recent_requests(recent: RecentRequests) -> RecentRequestsInfo:
+    rate = recent.error_rate
+    return RecentRequestsInfo(
+        window_s=recent.window_s,
+        requests=recent.requests,
+        server_errors=recent.server_errors,
+        error_rate=None if rate is None else round(rate, 6),
     )
 
 

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 
 from clipserve import __version__
 from clipserve.api.deps import EngineDep
-from clipserve.api.routes.health import describe_device
+from clipserve.api.routes.health import describe_device, recent_requests
 from clipserve.api.schemas.system import (
     CapabilitiesResponse,
     GpuMemory,
@@ -48,10 +48,12 @@ router = APIRouter(tags=["system"])
 
 @router.get("/v1/system/status", response_model=StatusResponse)
 async def status(engine: EngineDep) -> StatusResponse:
-    """Service facts: versions, device, config reloads, model counts, limits."""
+    """Service facts: versions, uptime, device, config reloads, model counts, the last five
+    minutes' requests and 5xx rate, GPU memory, limits."""
     settings, registry = engine.settings, engine.registry
     statuses = registry.statuses()
     media = settings.media
+    gpus = gpu_memory()
     return StatusResponse(
         version=__version__,
         uptime_s=round(time.time() - engine.started_at, 3),
@@ -67,6 +69,8 @@ async def status(engine: EngineDep) -> StatusResponse:
         models_total=len(statuses),
         models_loaded=sum(s.state is ModelState.LOADED for s in statuses),
         models_failed=sum(s.state is ModelState.ERROR for s in statuses),
+        recent=recent_requests(engine.metrics.recent.recent()),
+        gpu=[GpuMemory(**dataclasses.asdict(g)) for g in gpus] if gpus is not None else None,
         limits={
             "max_image_bytes": media.max_image_bytes,
             "max_image_pixels": media.max_image_pixels,

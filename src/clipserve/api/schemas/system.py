@@ -16,6 +16,13 @@ class GpuMemory(BaseModel):
     reserved_mb: float
 
 
+class RecentRequestsInfo(BaseModel):
+    window_s: float
+    requests: int = Field(description="Requests answered in the window (this process).")
+    server_errors: int = Field(description="Of which 5xx.")
+    error_rate: float | None = Field(description="server_errors / requests; null without any.")
+
+
 class HealthResponse(BaseModel):
     status: Literal["healthy", "degraded"] = Field(
         description="degraded when an enabled model failed to load (its requests get 503)."
@@ -26,6 +33,7 @@ class HealthResponse(BaseModel):
     models: dict[str, str] = Field(description="Load state of each enabled model.")
     model_errors: dict[str, str] = Field(default_factory=dict)
     gpu: list[GpuMemory] | None = None
+    recent: RecentRequestsInfo | None = None
 
 
 class StatusResponse(BaseModel):
@@ -43,6 +51,8 @@ class StatusResponse(BaseModel):
     models_total: int
     models_loaded: int
     models_failed: int
+    recent: RecentRequestsInfo
+    gpu: list[GpuMemory] | None = None
     limits: dict[str, float | int]
 
 
@@ -166,7 +176,7 @@ class ProfileRequest(BaseModel):
 
     model: str | None = Field(default=None, description="Config name (default model).")
     modality: Literal["image", "text"] = "image"
-    batch_size: int = Field(default=8, ge=1, le=4096)
+    batch_size: int = Field(default=8, ge=1, le=4096, description="At most max_batch_size.")
     passes: int = Field(default=10, ge=1, le=100)
 
 
