@@ -9,7 +9,7 @@ import base64
 import hashlib
 import io
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -41,20 +41,6 @@ def png(image: Image.Image) -> bytes:
 
 def sample(engine: Engine, name: str, **labels: str) -> float:
     return engine.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture
-async def engine_for() -> AsyncIterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(settings: Settings, loader: FakeLoader | None = None) -> Engine:
-        engine = Engine(settings, loader=loader or FakeLoader())
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.close()
 
 
 @pytest.fixture

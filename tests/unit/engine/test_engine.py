@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +33,6 @@ from clipserve.testing import DeviceGate, FakeBackend, FakeLoader
 
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-@pytest.fixture
-async def engine_for() -> AsyncIterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(settings: Settings, loader: FakeLoader | None = None) -> Engine:
-        engine = Engine(settings, loader=loader or FakeLoader())
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.close()
 
 
 @pytest.fixture
