@@ -167,6 +167,10 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: LogLevel = Field(default="info", description="any case: DEBUG, info...")
+    traces_exporter: str | None = Field(
+        default=None,
+        description="OTEL_TRACES_EXPORTER: otlp or console turns traces on (clipserve[otel])",
+    )
     profile_dir: Path | None = Field(
         default=None, description="where profiler traces go (default: <tmp>/clipserve-profiles)"
     )
@@ -295,6 +299,7 @@ class _PlainEnv:
 _PLAIN_ENV: tuple[_PlainEnv, ...] = (
     _PlainEnv("LOG_LEVEL", ("server", "log_level"), _log_level),
     _PlainEnv("LOG_FORMAT", ("server", "log_format")),
+    _PlainEnv("OTEL_TRACES_EXPORTER", ("server", "traces_exporter")),
     _PlainEnv("MODEL_NAME", ("default_text_model",)),
     _PlainEnv("CLIP_MODEL", ("clip_model",)),
     _PlainEnv("MAX_BATCH_SIZE", ("batching", "max_batch_size")),

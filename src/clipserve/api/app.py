@@ -36,6 +36,7 @@ from clipserve.config import Settings
 from clipserve.engine.engine import Engine
 from clipserve.engine.registry import BackendLoader
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ shape (`{"error": {"message", "type", "param", "code"}}`).
 
 
 def create_app(
-    settings: Settings, *, loader: BackendLoader | None = None, freeze_heap: bool = False
+    settings: Settings,
+    *,
+    loader: BackendLoader | None = None,
+    freeze_heap: bool = False,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """Build the app. ``loader`` replaces the real model loader (tests use a fake one).
 
@@ -60,10 +65,12 @@ def create_app(
     garbage collector's sight (:func:`gc.freeze`), so a full collection, triggered by requests that
     allocate many objects, no longer walks it: ~300 ms of stalled event loop each time before."""
     metrics = Metrics()
+    if tracing is None:
+        tracing = Tracing.from_exporter(settings.server.traces_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, loader=loader, metrics=metrics)
+        engine = Engine(settings, loader=loader, metrics=metrics, tracing=tracing)
         app.state.engine = engine
         await engine.start()
         if freeze_heap:
@@ -100,7 +107,7 @@ def create_app(
         )
     # API keys and request rates from the headers: before the concurrency limit and any body.
     app.add_middleware(AccessMiddleware, security=security, refuse=error_before_routing)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)  # outermost
     register_error_handlers(app)
     errors, openai_errors = error_responses(ErrorResponse), error_responses(OpenAIErrorResponse)
     routers = (

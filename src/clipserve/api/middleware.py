@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.observability.logging import ACCESS_LOGGER
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
@@ -32,9 +33,10 @@ class RequestContextMiddleware:
     ``X-Process-Time-Ms``, records ``http_requests_total`` / ``http_request_duration_seconds``,
     and writes the request's access line (with what the route left in ``state["log"]``)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +60,23 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            if self.tracing.on:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                with self.tracing.request(scope["method"], scope["path"], headers) as span:
+                    try:
+                        await self.app(scope, receive, send_wrapper)
+                    finally:  # named by the route template, as the metrics are
+                        route = getattr(scope.get("route"), "path", None) or "unmatched"
+                        span.update_name(f"{scope['method']} {route}")
+                        span.set_attributes(
+                            {
+                                "http.route": route,
+                                "http.status_code": status,
+                                "request_id": request_id,
+                            }
+                        )
+            else:
+                await self.app(scope, receive, send_wrapper)
         finally:
             if scope["state"].get("client_disconnected"):
                 status = CLIENT_CLOSED_REQUEST

@@ -64,6 +64,7 @@ from clipserve.errors import (
 )
 from clipserve.models.loader import release_device_memory
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class _Item(Generic[P, R]):
     client: str
     timer: asyncio.TimerHandle | None = None
     """Answers the item 504 at its deadline, whatever the collectors are doing."""
+    trace: Any = None
+    """The tracing context its request queued it in (None with tracing off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +171,14 @@ class BatchQueue(Generic[P, R]):
         metrics: Metrics,
         probe: Callable[[], int] | None = None,
         release_memory: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.model, self.modality, self.device = model, modality, slots.device
         self.max_batch_size = settings.max_batch_size
         self.max_queue_size = settings.max_queue_size
         self.client_share = client_share(settings)
         self._run, self._prepare, self._probe = run, prepare, probe
+        self._tracing = tracing or Tracing()
         self._release_memory = release_memory or partial(release_device_memory, slots.device)
         self._device_executor, self._cpu_executor = device_executor, cpu_executor
         self._slots = slots
@@ -316,8 +321,9 @@ class BatchQueue(Generic[P, R]):
         await self._wait_until(room, deadline)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        trace = self._tracing.current()
         items: list[_Item[P, R]] = [
-            _Item(p, loop.create_future(), now, deadline, client) for p in payloads
+            _Item(p, loop.create_future(), now, deadline, client, trace=trace) for p in payloads
         ]
         for item in items:
             item.timer = loop.call_at(deadline, self._expire, item)
@@ -517,8 +523,10 @@ class BatchQueue(Generic[P, R]):
         live = [item for item in items if self._is_live(item, now)]
         if not live:
             return
+        traced = [(i.trace, now - i.enqueued_at) for i in live] if self._tracing.on else []
         try:
-            outputs = await self._forward([item.payload for item in live])
+            with self._tracing.batch(self.model, self.modality, traced):
+                outputs = await self._forward([item.payload for item in live])
         except ClipServeError as exc:
             self._settle_all(live, exc)
             return
@@ -681,11 +689,16 @@ class Batcher:
     """All queues and device slots of one engine."""
 
     def __init__(
-        self, settings: BatchingSettings, metrics: Metrics, cpu_executor: WorkerThreads
+        self,
+        settings: BatchingSettings,
+        metrics: Metrics,
+        cpu_executor: WorkerThreads,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self._metrics = metrics
         self._cpu_executor = cpu_executor
+        self._tracing = tracing
         self._queues: dict[tuple[Hashable, str], BatchQueue[Any, Any]] = {}
         self._slots: dict[str, DeviceSlots] = {}
         self.accepting = True
@@ -725,6 +738,7 @@ class Batcher:
             metrics=self._metrics,
             probe=probe,
             release_memory=release_memory,
+            tracing=self._tracing,
         )
         queue.start()
         self._queues[key] = queue

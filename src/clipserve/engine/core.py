@@ -47,6 +47,7 @@ from clipserve.models.base import Modality
 from clipserve.models.loader import load_backend
 from clipserve.observability.metrics import Metrics
 from clipserve.observability.system import gpu_memory
+from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,15 @@ class EngineCore:
         *,
         loader: BackendLoader | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self.metrics = metrics if metrics is not None else Metrics()
         self.executors = Executors(cpu_workers(settings))
-        self.batcher = Batcher(settings.batching, self.metrics, self.executors.cpu)
+        self.batcher = Batcher(
+            settings.batching, self.metrics, self.executors.cpu, tracing=self.tracing
+        )
         self.images = ImageLoader(settings.media, executor=self.executors.cpu)
         self.cache = EmbeddingCache.from_settings(settings.cache, self.metrics)
         """None when ``cache.enabled`` is off."""
@@ -89,6 +94,7 @@ class EngineCore:
             images=self.images,
             metrics=self.metrics,
             cache=self.cache,
+            tracing=self.tracing,
         )
         self.registry = ModelRegistry(
             settings,

@@ -47,6 +47,7 @@ from clipserve.media import EncodedImage, ImageInput, ImageLoader
 from clipserve.media.budget import PixelWindow
 from clipserve.models.base import Backend, Modality, TokenizedTexts
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +152,14 @@ class Encoder:
         images: ImageLoader,
         metrics: Metrics,
         cache: EmbeddingCache | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
         self._batcher = batcher
         self._images = images
         self._metrics = metrics
         self._cache = cache
+        self._tracing = tracing or Tracing()
 
     # --- queues --------------------------------------------------------------------------------
 
@@ -276,13 +279,14 @@ class Encoder:
 
         async def prepare(value: ImageInput | EncodedImage) -> torch.Tensor:
             started = time.perf_counter()
-            loaded = await self._images.load(
-                value,
-                handle.backend.preprocess,
-                window=scope.pixels,
-                timeout=scope.deadline - asyncio.get_running_loop().time(),
-                draft=handle.info.image_size if preprocess == "fast" else None,
-            )
+            with self._tracing.span("fetch, decode, preprocess"):
+                loaded = await self._images.load(
+                    value,
+                    handle.backend.preprocess,
+                    window=scope.pixels,
+                    timeout=scope.deadline - asyncio.get_running_loop().time(),
+                    draft=handle.info.image_size if preprocess == "fast" else None,
+                )
             elapsed = time.perf_counter() - started
             if isinstance(value, EncodedImage):  # read before: count its read too
                 elapsed += value.read_seconds

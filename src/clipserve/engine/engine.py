@@ -24,6 +24,7 @@ from clipserve.errors import InvalidInputError
 from clipserve.media import ImageInput
 from clipserve.models.base import Modality
 from clipserve.observability.metrics import Metrics
+from clipserve.observability.tracing import Tracing
 
 
 class Engine(EngineCore):
@@ -33,8 +34,9 @@ class Engine(EngineCore):
         *,
         loader: BackendLoader | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        super().__init__(settings, loader=loader, metrics=metrics)
+        super().__init__(settings, loader=loader, metrics=metrics, tracing=tracing)
         self._evaluation = Evaluation(self)
         self._embedding = Embedding(self)
         self.retrieval = Retrieval(self, self._embedding)
