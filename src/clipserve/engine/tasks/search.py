@@ -190,9 +190,10 @@ class Collections:
         model_name = self._core.resolve_model(model)
         handle = await self._core.registry.get(model_name)
         dim = handle.info.embed_dim
-        if name in await self._names():
+        names = await self._names()  # one listing (a Milvus round trip) for both checks
+        if name in names:
             raise CollectionConflictError(name)
-        if len(await self._names()) >= self.settings.max_collections:
+        if len(names) >= self.settings.max_collections:
             raise InvalidInputError(
                 f"there are {self.settings.max_collections} collections already "
                 "(collections.max_collections); delete one first"
