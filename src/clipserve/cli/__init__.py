@@ -1,0 +1,15 @@
+"""The `clipserve` command: maps arguments onto Settings and hands over to the app or a job.
+
+One module per group of commands, each registering on the one Typer ``app``."""
+
+from __future__ import annotations
+
+from clipserve.cli import embed, score, serve, system
+from clipserve.cli._common import app, build_settings
+
+__all__ = ["app", "build_settings", "main"]
+_COMMANDS = (embed, score, serve, system)  # imported for their @app.command registrations
+
+
+def main() -> None:
+    app()
