@@ -131,6 +131,19 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random transformers BLIP folders: ``caption`` (BlipForConditionalGeneration) and
+    ``vqa`` (BlipForQuestionAnswering)."""
+    from clipserve.testing.tiny import build_tiny_blip
+
+    root = tmp_path_factory.mktemp("tiny-blip")
+    return {
+        "caption": build_tiny_blip(root / "caption", seed=4),
+        "vqa": build_tiny_blip(root / "vqa", seed=5, vqa=True),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_registry(tiny_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Registry entries for the tiny real models (real loaders, random weights)."""
     return {
@@ -145,6 +158,7 @@ def tiny_registry(tiny_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
 FAKE_MODELS: dict[str, dict[str, Any]] = {
     "fast": {"model_name": "fake-fast", "description": "fake fast"},
     "accurate": {"model_name": "fake-accurate"},
+    "blip": {"model_name": "fake-blip", "backend": "hf", "task": "caption"},
     "minilm": {"model_name": "fake-text", "backend": "sentence-transformers"},
     "broken": {"model_name": "fake-broken"},
     "hidden": {"model_name": "fake-hidden", "enabled": False},

@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -206,11 +207,63 @@ class ServerSettings(BaseModel):
             "(cheap load shedding); probes are not counted. None: no limit"
         ),
     )
+    inference_prefix: str = Field(
+        default="/api/v1",
+        pattern=r"^(/[A-Za-z0-9._~-]+)+$",
+        description=(
+            "the prefix of the ML inference service's endpoints (caption, embed/image, "
+            "embed/text, warmup, capabilities)"
+        ),
+    )
+    inference_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "a second port the same app listens on, for clients that expect the ML inference "
+            "service on its own port (8001)"
+        ),
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _normalize_level(cls, value: object) -> object:
         return _normalize_log_level(value) if isinstance(value, str) else value
+
+
+class CaptionSettings(BaseModel):
+    """Generative models (captions, visual question answering) and the bounds of a request's
+    decoding options."""
+
+    model_config = ConfigDict(frozen=True)
+
+    default_model: str = Field(
+        default="blip", description="the caption model a request that names none gets"
+    )
+    blip_model: str | None = Field(
+        default=None,
+        description="BLIP_MODEL: the default caption model's weights, a transformers hub id or "
+        "directory ('Salesforce/blip-image-captioning-large')",
+    )
+    max_new_tokens: int = Field(default=30, ge=1, le=512, description="the default length")
+    max_new_tokens_limit: int = Field(
+        default=128, ge=1, le=1024, description="the most max_new_tokens a request may ask"
+    )
+    max_num_beams: int = Field(
+        default=5, ge=1, le=16, description="the widest beam search a request may ask"
+    )
+    max_prompt_chars: int = Field(
+        default=500, ge=1, le=10_000, description="a conditional prompt's or question's length"
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None,
+        description="OPENAI_API_KEY: the key of openai-vision models whose spec gives none",
+    )
+
+    @field_validator("blip_model")
+    @classmethod
+    def _check_blip_model(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
 
 class BatchingSettings(BaseModel):
@@ -302,6 +355,8 @@ _PLAIN_ENV: tuple[_PlainEnv, ...] = (
     _PlainEnv("OTEL_TRACES_EXPORTER", ("server", "traces_exporter")),
     _PlainEnv("MODEL_NAME", ("default_text_model",)),
     _PlainEnv("CLIP_MODEL", ("clip_model",)),
+    _PlainEnv("BLIP_MODEL", ("captions", "blip_model")),
+    _PlainEnv("OPENAI_API_KEY", ("captions", "openai_api_key")),
     _PlainEnv("MAX_BATCH_SIZE", ("batching", "max_batch_size")),
     _PlainEnv("BATCH_SIZE", ("batching", "max_batch_size")),
     _PlainEnv("BATCH_TIMEOUT", ("batching", "batch_timeout")),
@@ -603,6 +658,20 @@ class Settings(BaseSettings):
         description="weights on CUDA unless a model's `precision` says: fp16, bf16 or fp32",
     )
     preload: bool = False
+    memory_budget_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "device memory the loaded models of one device may take together (GB); None: no budget"
+        ),
+    )
+    evict_idle: bool = Field(
+        default=False,
+        description=(
+            "when loading a model would exceed memory_budget_gb, unload the least recently used "
+            "idle model (no requests in flight) instead of refusing"
+        ),
+    )
     model_retry_interval_s: float = Field(
         default=30.0, ge=0, description="a model that failed to load is retried after this long"
     )
@@ -611,6 +680,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    captions: CaptionSettings = Field(default_factory=CaptionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)

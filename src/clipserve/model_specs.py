@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
 from clipserve.errors import ConfigError
@@ -26,7 +26,10 @@ from clipserve.errors import ConfigError
 if TYPE_CHECKING:
     from clipserve.config import Settings
 
-BackendName = Literal["open_clip", "hf", "sentence-transformers"]
+BackendName = Literal["open_clip", "hf", "sentence-transformers", "openai-vision"]
+Task = Literal["embed", "caption"]
+"""``embed``: an embedding model (CLIP, SigLIP, text); ``caption``: a generative image-to-text
+model (BLIP captioning or VQA, BLIP-2, a remote OpenAI-compatible vision model)."""
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 """A model's weights: ``int8`` is float32 weights whose ``torch.nn.Linear`` layers are dynamically
 quantized to int8 at load (CPU only; elsewhere it falls back, see ``resolve_dtype``)."""
@@ -61,6 +64,19 @@ BUILTIN_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
                 "memory_gb": 1.7,
                 "avg_inference_time_ms": 5300.0,
                 "accuracy_score": 0.753,
+                "enabled": True,
+            }
+        ),
+        "blip": MappingProxyType(
+            {
+                "model_name": "Salesforce/blip-image-captioning-base",
+                "pretrained": None,
+                "backend": "hf",
+                "task": "caption",
+                "description": "BLIP captions (base); BLIP_MODEL replaces its weights",
+                "memory_gb": 0.9,
+                "avg_inference_time_ms": None,
+                "accuracy_score": None,
                 "enabled": True,
             }
         ),
@@ -130,6 +146,62 @@ class ModelSpec(BaseModel):
             "`dimensions` requests are refused"
         ),
     )
+    task: Task = Field(
+        default="embed",
+        description=(
+            "'embed' (CLIP, SigLIP, text models) or 'caption': a generative image-to-text model "
+            "(transformers BLIP captioning or VQA, BLIP-2; backend 'openai-vision' is always one)"
+        ),
+    )
+    prompt: str | None = Field(
+        default=None,
+        max_length=2000,
+        description=(
+            "caption models: the default conditional prompt a caption continues (BLIP: 'a "
+            "photography of'), or the instruction sent to an openai-vision model"
+        ),
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="openai-vision: the OpenAI-compatible API's base URL (…/v1)",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        exclude=True,  # never in a dump: the API's spec listings, logs, reload diffs
+        description=(
+            "openai-vision: the API key (default: OPENAI_API_KEY; never shown by the API)"
+        ),
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="openai-vision: the timeout of one call (30 s)"
+    )
+    max_retries: int | None = Field(
+        default=None,
+        ge=0,
+        le=10,
+        description="openai-vision: retries of a call refused with 429/5xx or cut off (2)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _remote_models_caption(cls, fields: Any) -> Any:
+        """An openai-vision model is a caption model whether or not ``task`` says so."""
+        if isinstance(fields, dict) and fields.get("backend") == "openai-vision":
+            return {"task": "caption", **fields}
+        return fields
+
+    @model_validator(mode="after")
+    def _check_task(self) -> ModelSpec:
+        if self.backend == "openai-vision" and self.task != "caption":
+            raise ValueError("backend 'openai-vision' is a caption model: task must be 'caption'")
+        if self.task == "caption" and self.backend not in ("hf", "openai-vision"):
+            raise ValueError(
+                f"task 'caption' needs backend 'hf' (transformers BLIP, BLIP-2) or "
+                f"'openai-vision', not '{self.backend}'"
+            )
+        if self.backend == "openai-vision" and not self.base_url:
+            raise ValueError("backend 'openai-vision' needs base_url (the API's …/v1 URL)")
+        return self
 
 
 def is_config_name(value: str) -> bool:
@@ -295,6 +367,15 @@ def _environment_models(settings: Settings) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     if settings.clip_model is not None:
         layer[settings.default_model] = _clip_model_fields(settings.clip_model)
+    if settings.captions.blip_model is not None:
+        value = settings.captions.blip_model
+        layer[settings.captions.default_model] = {
+            "model_name": value,
+            "backend": "hf",
+            "task": "caption",
+            "pretrained": None,
+            "description": f"{value} (BLIP_MODEL)",
+        }
     source = settings.text_model_source
     if source is not None:
         backend = "open_clip" if source.startswith(_OPEN_CLIP_SOURCES) else "sentence-transformers"

@@ -7,20 +7,30 @@ A backend owns a loaded model on one device. The engine calls it from worker thr
 time.
 
 Encoders return L2-normalised float32 CPU tensors of shape ``(n, embed_dim)``.
+
+Generative image-to-text models (captioners, visual question answering) are
+:class:`CaptionBackend` instances: they satisfy the same protocol (so the registry, the executors
+and the batcher treat them like any model) but their modalities are ``caption`` and/or
+``answer``, their encoders refuse, and :meth:`CaptionBackend.generate` turns preprocessed
+images (with a prompt or a question each) into text, on the device thread, one batch at a time.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from PIL import Image
 
-Modality = Literal["text", "image"]
+Modality = Literal["text", "image", "caption", "answer"]
+"""What a model's queues do: encode ``text`` or ``image`` inputs (embedding models), or generate a
+``caption`` of an image or an ``answer`` to a question about one (:class:`CaptionBackend`)."""
+GenerativeTask = Literal["caption", "answer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +49,9 @@ class TokenizedTexts:
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
     backend: str
-    """'open_clip', 'hf' or 'sentence-transformers'."""
+    """'open_clip', 'hf', 'sentence-transformers' or 'openai-vision'."""
     architecture: str
-    """'clip', 'siglip' or 'text'."""
+    """'clip', 'siglip', 'text', or a generative model's ('blip', 'blip-2', 'remote'...)."""
     embed_dim: int
     context_length: int
     modalities: frozenset[Modality]
@@ -102,3 +112,85 @@ def clip_scores(image_embeddings: ArrayLike, text_embeddings: ArrayLike) -> np.n
 def sigmoid_probabilities(cos: torch.Tensor, logit_scale: float, logit_bias: float) -> torch.Tensor:
     """SigLIP's match probability: ``sigmoid(logit_scale * cos + logit_bias)``."""
     return torch.sigmoid(cos * logit_scale + logit_bias)
+
+
+# --- generative models (captions, visual question answering) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """How to decode: greedy (``num_beams == 1``) or beam search, and the generated length."""
+
+    max_new_tokens: int = 30
+    num_beams: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionInput:
+    """One image to describe or ask about, preprocessed by the backend's ``preprocess``."""
+
+    pixels: torch.Tensor
+    task: GenerativeTask = "caption"
+    prompt: str | None = None
+    """``caption``: an optional text the caption continues ("a photography of"); ``answer``: the
+    question (required)."""
+    options: GenerationOptions = GenerationOptions()
+
+    @property
+    def group(self) -> tuple[GenerativeTask, str | None, GenerationOptions]:
+        """Inputs with equal groups run as one ``generate`` call (same prompt: no padding, so a
+        batch decodes exactly what each input would alone)."""
+        return (self.task, self.prompt, self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class FailedGeneration:
+    """One input's generation failed (a remote call refused, a prompt the model cannot take) while
+    the rest of its batch stands: ``error`` (a ClipServeError) is what that input is answered."""
+
+    error: Exception
+
+
+class CaptionBackend(ABC):
+    """A generative image-to-text model behind the :class:`Backend` protocol.
+
+    ``info.modalities`` says what it does (``caption``, ``answer``); the embedding half of the
+    protocol refuses. ``generate`` gets a batch of inputs, runs each :attr:`CaptionInput.group`
+    as one call and returns one text (or a :class:`FailedGeneration`) per input, in order."""
+
+    local: ClassVar[bool] = True
+    """Whether ``generate`` runs a model here (False: a remote service, which warm-up and batch
+    size probes leave alone)."""
+
+    @property
+    @abstractmethod
+    def info(self) -> BackendInfo: ...
+
+    @property
+    def logit_scale(self) -> float:
+        raise TypeError(f"{type(self).__name__} is a generative model: it has no logit scale")
+
+    @property
+    def logit_bias(self) -> float | None:
+        return None
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> the tensor ``generate`` takes for it."""
+
+    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+        raise TypeError(f"{type(self).__name__} is a generative model: it does not embed texts")
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} is a generative model: it does not embed images")
+
+    def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} is a generative model: it does not embed texts")
+
+    @abstractmethod
+    def generate(self, inputs: Sequence[CaptionInput]) -> list[str | FailedGeneration]:
+        """One text per input, in order; an input that failed alone is its ``FailedGeneration``.
+        Raising fails the whole batch (the batcher then splits it to isolate the cause)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -14,9 +14,8 @@ transformers processor (with a warning at load).
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,11 +24,7 @@ from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
-from clipserve.models.hf_preprocessing import (
-    NumpyImageProcessor,
-    UnsupportedImageProcessorError,
-    to_rgb,
-)
+from clipserve.models.hf_preprocessing import image_pipeline
 from clipserve.models.loader import (
     describe_model,
     dtype_name,
@@ -43,8 +38,6 @@ from clipserve.models.quantize import (
     quantize_linear_layers,
 )
 
-logger = logging.getLogger(__name__)
-
 HfArchitecture = Literal["clip", "siglip"]
 _MODALITIES: frozenset[Modality] = frozenset({"text", "image"})
 
@@ -57,31 +50,6 @@ def _embedding(output: Any) -> torch.Tensor:
     if not isinstance(pooled, torch.Tensor):
         raise TypeError(f"unexpected output of get_*_features: {type(output).__name__}")
     return pooled
-
-
-def _image_pipeline(
-    image_processor: Any, name: str
-) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """The PIL + numpy copy of ``image_processor`` and ``'numpy'``, or, when its configuration is
-    not one the copy reproduces, the processor itself and ``'transformers'``."""
-    try:
-        return NumpyImageProcessor.from_processor(image_processor), "numpy"
-    except UnsupportedImageProcessorError as exc:
-        logger.warning(
-            "hf model %s: preprocessing images with transformers' %s (its configuration is not "
-            "reproduced in numpy: %s); its torch ops compete with the encoder for the cores",
-            name,
-            type(image_processor).__name__,
-            exc,
-        )
-
-    def transformers_pipeline(image: Image.Image) -> torch.Tensor:
-        pixels: torch.Tensor = image_processor(images=to_rgb(image), return_tensors="pt")[
-            "pixel_values"
-        ]
-        return pixels[0].float()
-
-    return transformers_pipeline, "transformers"
 
 
 class HfClipBackend:
@@ -99,7 +67,7 @@ class HfClipBackend:
         name: str,
     ) -> None:
         self._model: Any = model.eval()
-        self._preprocess_image, preprocessing = _image_pipeline(image_processor, name)
+        self._preprocess_image, preprocessing = image_pipeline(image_processor, name)
         self._tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
         self._architecture: HfArchitecture = architecture

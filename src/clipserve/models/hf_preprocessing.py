@@ -20,6 +20,7 @@ raise :class:`UnsupportedImageProcessorError`; the backend then keeps the transf
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import platform
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 Kernel = Literal["torchvision", "pil"]
 _Filter = Literal["bilinear", "bicubic"]
@@ -341,3 +344,28 @@ def resample_like_torch(image: Image.Image, height: int, width: int, mode: _Filt
     if height != pixels.shape[0]:
         pixels = _resample_rows(pixels, height, mode)
     return pixels
+
+
+def image_pipeline(
+    image_processor: Any, name: str
+) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """The PIL + numpy copy of ``image_processor`` and ``'numpy'``, or, when its configuration is
+    not one the copy reproduces, the processor itself and ``'transformers'``."""
+    try:
+        return NumpyImageProcessor.from_processor(image_processor), "numpy"
+    except UnsupportedImageProcessorError as exc:
+        logger.warning(
+            "hf model %s: preprocessing images with transformers' %s (its configuration is not "
+            "reproduced in numpy: %s); its torch ops compete with the encoder for the cores",
+            name,
+            type(image_processor).__name__,
+            exc,
+        )
+
+    def transformers_pipeline(image: Image.Image) -> torch.Tensor:
+        pixels: torch.Tensor = image_processor(images=to_rgb(image), return_tensors="pt")[
+            "pixel_values"
+        ]
+        return pixels[0].float()
+
+    return transformers_pipeline, "transformers"

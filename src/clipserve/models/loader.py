@@ -24,6 +24,9 @@ from clipserve.errors import ModelLoadError
 from clipserve.models.quantize import INT8, quantized_footprint
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from clipserve.config import MediaSettings
     from clipserve.model_specs import CudaPrecision, ModelSpec, Precision
     from clipserve.models.base import Backend
 
@@ -175,8 +178,11 @@ def module_footprint(module: torch.nn.Module) -> tuple[int, int]:
 def release_device_memory(device: torch.device | str) -> None:
     """Give the allocator's cached blocks on ``device`` back to the driver: after a model was
     dropped, or after an out-of-memory error before retrying with smaller batches. A no-op on the
-    CPU and on devices this machine does not have."""
-    kind = torch.device(device).type
+    CPU, on devices this machine does not have and for remote models (device ``remote``)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # "remote": not a torch device
+        return
     if kind == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif kind == "mps" and _mps_available():
@@ -392,11 +398,23 @@ def explain_load_failure(spec: ModelSpec, model_name: str, exc: BaseException) -
 # --- entry point ----------------------------------------------------------------------------------
 
 
-def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend:
+def load_backend(
+    spec: ModelSpec,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    media: MediaSettings | None = None,
+    api_key: SecretStr | None = None,
+) -> Backend:
     """Load ``spec`` on ``device`` (already resolved, e.g. by :func:`resolve_device`) in ``dtype``
     (normally from :func:`resolve_dtype`; its fallback rules also guard callers that pass fp16 for
     the CPU or :data:`~clipserve.models.quantize.INT8` for another device). With ``INT8`` the
     backend loads float32 weights and quantizes its Linear layers (``precision: int8``).
+
+    ``task: caption`` specs load a generative backend: transformers BLIP/BLIP-2 (backend ``hf``)
+    or a remote OpenAI-compatible model (``openai-vision``, which runs nowhere here: ``device``
+    and ``dtype`` are ignored; its base URL is checked against ``media``'s address rules and it
+    authenticates with the spec's ``api_key``, else ``api_key``).
 
     Raises :class:`ModelLoadError` for every failure (bad path, no network, unknown architecture,
     corrupt checkpoint, out of memory...): a client-safe ``message``, the full cause in
@@ -412,6 +430,17 @@ def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend
             from clipserve.models.open_clip_backend import OpenClipBackend
 
             return OpenClipBackend.load(model_name, pretrained, device=device, dtype=dtype)
+        if spec.backend == "openai-vision":
+            from clipserve.config import MediaSettings
+            from clipserve.models.openai_vision import OpenAIVisionBackend
+
+            return OpenAIVisionBackend.load(spec, media=media or MediaSettings(), api_key=api_key)
+        if spec.backend == "hf" and spec.task == "caption":
+            from clipserve.models.hf_caption_backend import HfCaptionBackend
+
+            return HfCaptionBackend.load(
+                model_name, device=device, dtype=dtype, default_prompt=spec.prompt
+            )
         if spec.backend == "hf":
             from clipserve.models.hf_backend import HfClipBackend
 
@@ -429,5 +458,5 @@ def load_backend(spec: ModelSpec, *, device: str, dtype: torch.dtype) -> Backend
             technical=_technical(spec, model_name, exc),
         ) from exc
     raise ModelLoadError(
-        f"unknown backend '{spec.backend}' (open_clip, hf or sentence-transformers)"
+        f"unknown backend '{spec.backend}' (open_clip, hf, sentence-transformers or openai-vision)"
     )

@@ -18,7 +18,15 @@ import torch
 from PIL import Image
 
 from clipserve.model_specs import ModelSpec
-from clipserve.models.base import Backend, BackendInfo, Modality, TokenizedTexts
+from clipserve.models.base import (
+    Backend,
+    BackendInfo,
+    CaptionBackend,
+    CaptionInput,
+    FailedGeneration,
+    Modality,
+    TokenizedTexts,
+)
 
 _THUMB = 8
 
@@ -122,6 +130,49 @@ class FakeBackend:
             return [n for m, n in self.forward_calls if m == modality]
 
 
+class FakeCaptionBackend(CaptionBackend):
+    """A deterministic fake generative model (captions and answers): each text names the
+    image's mean colour, so equal images give equal captions; records every batch's size."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self._device = device
+        self.batches: list[int] = []
+        self.closed = False
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            backend="fake",
+            architecture="fake-caption",
+            embed_dim=0,
+            context_length=64,
+            modalities=frozenset({"caption", "answer"}),
+            device=self._device,
+            dtype="float32",
+            image_size=_THUMB,
+            memory_bytes=1024,
+        )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        thumb = image.convert("RGB").resize((_THUMB, _THUMB), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(thumb, dtype=np.float32).transpose(2, 0, 1).copy())
+
+    def generate(self, inputs: Sequence[CaptionInput]) -> list[str | FailedGeneration]:
+        self.batches.append(len(inputs))
+        out: list[str | FailedGeneration] = []
+        for item in inputs:
+            r, g, b = (int(v) for v in item.pixels.mean(dim=(1, 2)).tolist())
+            colour = f"a picture of colour ({r}, {g}, {b})"
+            if item.task == "answer":
+                out.append(f"{colour}, asked {item.prompt}")
+            else:
+                out.append(f"{item.prompt} {colour}" if item.prompt else colour)
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class DeviceGate:
     """A ``before_forward`` hook that holds forward passes on the device thread while closed, so a
     test can keep a batch in flight (and requests queued behind it) without sleeping."""
@@ -154,9 +205,9 @@ class DeviceGate:
 
 class FakeLoader:
     """A backend loader for tests: specs whose ``model_name`` starts with ``fake`` get a
-    :class:`FakeBackend` (``fake-text`` is text-only, ``fake-broken`` fails to load); other specs go
-    to
-    ``fallback`` (e.g. the real :func:`clipserve.models.loader.load_backend`), or fail."""
+    :class:`FakeBackend` (``fake-text`` is text-only, ``fake-broken`` fails to load; ``task:
+    caption`` specs a :class:`FakeCaptionBackend`); other specs go to ``fallback`` (e.g. the
+    real :func:`clipserve.models.loader.load_backend`), or fail."""
 
     def __init__(
         self,
@@ -184,6 +235,8 @@ class FakeLoader:
         self.load_count += 1
         if spec.model_name == "fake-broken":
             raise ModelLoadError("simulated load failure: weights not found")
+        if spec.task == "caption":
+            return FakeCaptionBackend()
         modalities: frozenset[Modality] = (
             frozenset({"text"}) if spec.model_name == "fake-text" else frozenset({"text", "image"})
         )

@@ -6,10 +6,13 @@ every backend offline in a second or two:
 * :func:`build_tiny_open_clip` writes an open_clip ``local-dir:`` folder;
 * :func:`build_tiny_hf_clip` and :func:`build_tiny_hf_siglip` write transformers folders that
   ``CLIPModel`` / ``SiglipModel`` and ``AutoProcessor.from_pretrained(folder)`` load;
+* :func:`build_tiny_blip` writes a transformers BLIP folder (captioning, or question answering)
+  that ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` and its processor load;
 * :func:`convert_open_clip_to_hf_clip` turns an open_clip CLIP folder into an equivalent
   transformers folder (same weights, same tokenizer ids), for parity checks between libraries.
 
-The weights are random: embeddings are meaningless but deterministic for a given ``seed``.
+The weights are random: embeddings (and captions) are meaningless but deterministic for a given
+``seed``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 __all__ = [
+    "build_tiny_blip",
     "build_tiny_hf_clip",
     "build_tiny_hf_siglip",
     "build_tiny_open_clip",
@@ -387,3 +391,100 @@ def convert_open_clip_to_hf_clip(open_clip_dir: Path, path: Path) -> Path:
         mean=pp["mean"],
         std=pp["std"],
     )
+
+
+# A BERT word-piece vocabulary for the tiny BLIP: caption words, then single characters and their
+# continuations, so any lowercase ASCII text tokenizes; [DEC] (BLIP's decoder start) is added.
+_BLIP_WORDS = (
+    "a photo photography of picture image the an in on with and cat dog man woman sky tree car "
+    "table red blue what is this color how many there"
+)
+_BLIP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'"
+
+
+def build_tiny_blip(
+    path: Path, *, seed: int = 0, vqa: bool = False, size: Literal["tiny", "base"] = "tiny"
+) -> Path:
+    """Write a tiny random transformers BLIP folder: model, ``BlipProcessor`` (a 32 px
+    ``BlipImageProcessor`` and a word-piece ``BertTokenizer`` with BLIP's ``[DEC]`` start token).
+
+    ``vqa=False``: ``BlipForConditionalGeneration`` (captions); ``vqa=True``:
+    ``BlipForQuestionAnswering``. Hidden size 32, two layers per part, image 32 / patch 8; the
+    weights are drawn wider than usual (std 0.3) so that different images give different
+    captions. ``size="base"``: the shapes of Salesforce/blip-image-captioning-base instead
+    (ViT-B/16 at 384 px, a 12-layer BERT decoder, a 30,524-token vocabulary padded with made-up
+    words), random weights, for benchmarks. Returns ``path``."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForQuestionAnswering,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = [*_BLIP_CHARS, *("##" + c for c in _BLIP_CHARS)]
+    words = specials + list(dict.fromkeys([*_BLIP_WORDS.split(), *pieces]))
+    if size == "base":  # BLIP base's vocabulary size, with [DEC] added below
+        words += [f"w{i}" for i in range(30523 - len(words))]
+    tokenizer = BertTokenizer(
+        vocab={word: index for index, word in enumerate(words)},
+        do_lower_case=True,
+        model_max_length=64,
+    )
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if size == "base":
+        config = BlipConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "sep_token_id": tokenizer.sep_token_id,
+                "eos_token_id": tokenizer.sep_token_id,
+            },
+            vision_config={"image_size": 384, "patch_size": 16},
+        )
+        image_size = 384
+    else:
+        config, image_size = _tiny_blip_config(tokenizer), 32
+    model_cls = BlipForQuestionAnswering if vqa else BlipForConditionalGeneration
+    with _seeded(seed):
+        model = model_cls(config)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+def _tiny_blip_config(tokenizer: Any) -> Any:
+    from transformers import BlipConfig
+
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "encoder_hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.3,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "initializer_range": 0.3,
+    }
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
