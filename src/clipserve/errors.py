@@ -6,7 +6,8 @@ that turns them into status codes and response bodies is :mod:`clipserve.api.err
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 QUOTE_LIMIT = 200
 """How many characters of a client's input an error message quotes."""
@@ -77,6 +78,81 @@ class ModelUnavailableError(ClipServeError):
         self.name = name
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+def _gb(value: float) -> str:
+    return f"{value:.1f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUse:
+    """One model's share of a device's memory budget, as a :class:`MemoryBudgetError` lists it.
+
+    ``state``: ``loaded``, ``loading`` (a load in progress: its estimate is reserved) or
+    ``unloading`` (retired; its memory is not released until its last request ends and it is
+    closed)."""
+
+    model: str
+    gb: float
+    in_flight: int = 0
+    queued: int = 0
+    state: Literal["loaded", "loading", "unloading"] = "loaded"
+
+    def describe(self) -> str:
+        parts: list[str] = [] if self.state == "loaded" else [self.state]
+        if self.in_flight:
+            parts.append(f"{self.in_flight} in flight")
+        elif self.queued:
+            parts.append(f"{self.queued} queued")
+        elif self.state == "loaded":
+            parts.append("idle")
+        return f"'{self.model}' ({_gb(self.gb)} GB, {', '.join(parts)})"
+
+
+class MemoryBudgetError(ModelUnavailableError):
+    """Loading the model would take its device past the memory budget (``memory_budget_gb``),
+    and no idle model could be unloaded to make room (or ``evict_idle`` is off)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        device: str,
+        needed_gb: float,
+        budget_gb: float,
+        left_gb: float,
+        loaded: list[MemoryUse],
+        hint: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        listed = ", ".join(use.describe() for use in loaded)
+        reason = (
+            f"needs about {_gb(needed_gb)} GB on {device} but the memory budget "
+            f"({_gb(budget_gb)} GB) has {_gb(left_gb)} GB left: "
+            f"{'loaded ' + listed if listed else 'nothing else is loaded'}; {hint}"
+        )
+        super().__init__(name, reason, retry_after_s=retry_after_s)
+        self.message = f"model '{name}' {reason}"
+        self.args = (self.message,)
+        self.detail = {
+            "model": name,
+            "reason": reason,
+            "device": device,
+            "budget_gb": round(budget_gb, 3),
+            "needed_gb": round(needed_gb, 3),
+            "left_gb": round(left_gb, 3),
+            "loaded": [
+                {
+                    "model": use.model,
+                    "gb": round(use.gb, 3),
+                    "in_flight": use.in_flight,
+                    "queued": use.queued,
+                    "state": use.state,
+                }
+                for use in loaded
+            ],
+        }
+        self.loaded = loaded
 
 
 class ModelLoadError(ClipServeError):

@@ -24,6 +24,7 @@ then it is dropped before inference. On every path:
 
 * items whose deadline passes are answered :class:`~clipserve.errors.InferenceTimeoutError` at the
   deadline by their own timer, even while the device is stuck;
+* a batch may fail single items (:class:`FailedItem`) and stand for the others;
 * a batch that fails is split in halves and retried down to single items, so one poison input (or
   a CUDA out-of-memory error) fails alone; out-of-memory also lowers the queue's batch size;
 * a batch task that ends any other way (a bug, a failure while freeing memory, a shutdown) has its
@@ -74,7 +75,8 @@ R_co = TypeVar("R_co", covariant=True)
 
 
 class Results(Protocol[R_co]):
-    """What a batch returns: one result per payload (a list, or a tensor of rows)."""
+    """What a batch returns: one result per payload (a list, or a tensor of rows); a payload
+    that failed alone while the rest of its batch stands is its :class:`FailedItem`."""
 
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[R_co]: ...
@@ -88,6 +90,14 @@ FAILING_AFTER = 3
 
 LOCAL_CLIENT = "local"
 """The client of work submitted in-process (the CLI, the Python API)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedItem:
+    """One payload's failure in a batch that otherwise succeeded: its item is answered
+    ``error`` (a remote call refused, a prompt too long for the model)."""
+
+    error: ClipServeError
 
 
 def client_share(settings: BatchingSettings) -> int:
@@ -544,7 +554,10 @@ class BatchQueue(Generic[P, R]):
             return
         self.consecutive_failures = 0
         for item, output in zip(live, outputs, strict=True):
-            self._settle(item, result=output)
+            if isinstance(output, FailedItem):
+                self._settle(item, error=output.error)
+            else:
+                self._settle(item, result=output)
 
     async def _recover(self, live: list[_Item[P, R]], exc: Exception) -> None:
         """A batch failed: split it to isolate the failing items (and shrink it on OOM)."""

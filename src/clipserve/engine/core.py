@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Self
 
 from clipserve.config import Settings
@@ -63,6 +64,14 @@ class Readiness:
     retry_after_s: float | None = None
 
 
+_ABILITY: dict[Modality, str] = {
+    "text": "encode text inputs",
+    "image": "encode image inputs",
+    "caption": "caption images",
+    "answer": "answer questions about images",
+}
+
+
 def prefetch_window(batch_size: int) -> int:
     """Inputs of one request in flight at once for a given ``batch_size``: two batches, so the next
     one is prepared while the current one runs."""
@@ -98,7 +107,10 @@ class EngineCore:
         )
         self.registry = ModelRegistry(
             settings,
-            loader=loader or load_backend,
+            loader=loader
+            or partial(
+                load_backend, media=settings.media, api_key=settings.captions.openai_api_key
+            ),
             executors=self.executors,
             metrics=self.metrics,
             on_load=self.encoder.build_queues,
@@ -258,8 +270,9 @@ class EngineCore:
     def _require(handle: ModelHandle, modalities: Sequence[Modality]) -> None:
         missing = [m for m in dict.fromkeys(modalities) if m not in handle.info.modalities]
         if missing:
+            what = " or ".join(_ABILITY[m] for m in missing)
             raise UnsupportedModalityError(
-                f"model '{handle.name}' cannot encode {' or '.join(missing)} inputs "
+                f"model '{handle.name}' cannot {what} "
                 f"(it supports: {', '.join(sorted(handle.info.modalities))})",
                 detail={"model": handle.name, "modalities": sorted(handle.info.modalities)},
             )

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from clipserve.config import Settings
-from clipserve.engine.batcher import Batcher, BatchQueue, deadline_error
+from clipserve.engine.batcher import Batcher, BatchQueue, FailedItem, deadline_error
 from clipserve.engine.cache import CachedEmbedding, EmbeddingCache, text_digest
 from clipserve.engine.capacity import probe_batch_size
 from clipserve.engine.registry import ModelHandle
@@ -45,7 +45,16 @@ from clipserve.errors import (
 )
 from clipserve.media import EncodedImage, ImageInput, ImageLoader
 from clipserve.media.budget import PixelWindow
-from clipserve.models.base import Backend, Modality, TokenizedTexts
+from clipserve.models.base import (
+    Backend,
+    CaptionBackend,
+    CaptionInput,
+    FailedGeneration,
+    GenerationOptions,
+    GenerativeTask,
+    Modality,
+    TokenizedTexts,
+)
 from clipserve.observability.metrics import Metrics
 from clipserve.observability.tracing import Tracing
 
@@ -128,7 +137,21 @@ def text_problem(text: str, max_chars: int) -> InvalidInputError | None:
 
 def dummy_forward(backend: Backend, modality: Modality) -> Callable[[int], object]:
     """``forward(n)``: one forward pass of ``n`` worst-case dummy inputs (blank images, texts
-    filling the context), on the device thread; the batch size probe and the warm-up run it."""
+    filling the context; for a generative model, blank images decoded to the default length), on
+    the device thread; the batch size probe and the warm-up run it. A remote model's is a no-op:
+    nothing here to warm, and calls cost money."""
+    if modality in ("caption", "answer"):
+        if not isinstance(backend, CaptionBackend) or not backend.local:
+            return lambda n: None
+        size = backend.info.image_size or 224
+        task: GenerativeTask = "answer" if modality == "answer" else "caption"
+        question = "what is in the picture?" if task == "answer" else None
+
+        def generate(n: int) -> object:
+            pixels = backend.preprocess(Image.new("RGB", (size, size)))
+            return backend.generate([CaptionInput(pixels, task, question)] * n)
+
+        return generate
     if modality == "image":
         size = backend.info.image_size or 224
 
@@ -173,7 +196,10 @@ class Encoder:
         backend = handle.backend
         run: Callable[[Any], Any]
         prepare: Callable[[list[Any]], Any] | None
-        if modality == "image":
+        if modality in ("caption", "answer"):
+            run = _generator(backend)
+            prepare = None
+        elif modality == "image":
 
             def run(pixels: list[torch.Tensor]) -> torch.Tensor:
                 # Stacked on the device thread: a torch op elsewhere would start an OpenMP team
@@ -305,6 +331,59 @@ class Encoder:
             return torch.from_numpy((await cache.get_or_compute(key, compute)).vector)
 
         return await _through(queue, unique, encode, scope, on_done=on_done)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        handle: ModelHandle,
+        task: GenerativeTask,
+        refs: Sequence[ImageRef],
+        scope: Scope,
+        *,
+        prompt: str | None = None,
+        options: GenerationOptions = GenerationOptions(),
+    ) -> dict[str, str | ClipServeError]:
+        """Fetch, decode and preprocess each distinct image and generate its caption (or its
+        answer to ``prompt``, the question) through the model's ``task`` queue: its text or
+        error. Generated texts are not cached (decoding options vary per request)."""
+        unique = {ref.key: ref.value for ref in refs}
+        if not unique:
+            return {}
+        queue: BatchQueue[CaptionInput, str] = handle.queues[task]
+
+        async def caption(value: ImageInput) -> str:
+            started = time.perf_counter()
+            with self._tracing.span("fetch, decode, preprocess"):
+                loaded = await self._images.load(
+                    value,
+                    handle.backend.preprocess,
+                    window=scope.pixels,
+                    timeout=scope.deadline - asyncio.get_running_loop().time(),
+                )
+            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
+                time.perf_counter() - started
+            )
+            return await _submit(queue, CaptionInput(loaded.image, task, prompt, options), scope)
+
+        return await _through(queue, unique, caption, scope)
+
+
+def _generator(backend: Backend) -> Callable[[list[CaptionInput]], list[str | FailedItem]]:
+    """A generative model's batch: its texts; an input that failed alone is answered its
+    error."""
+    if not isinstance(backend, CaptionBackend):
+        raise TypeError(f"{type(backend).__name__} is not a generative model")
+
+    def run(inputs: list[CaptionInput]) -> list[str | FailedItem]:
+        return [
+            FailedItem(as_error(r.error, "generating text"))
+            if isinstance(r, FailedGeneration)
+            else r
+            for r in backend.generate(inputs)
+        ]
+
+    return run
 
 
 def as_error(exc: BaseException, what: str) -> ClipServeError:

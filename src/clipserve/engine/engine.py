@@ -1,5 +1,6 @@
 """The engine: the core (:mod:`clipserve.engine.core`) with its tasks
-(:mod:`clipserve.engine.tasks`): evaluate, embed, rank and classify, and jobs of them
+(:mod:`clipserve.engine.tasks`): evaluate, embed, rank and classify, and jobs of them, captions
+and answers
 (:mod:`clipserve.engine.jobs`). This is what the service, the CLI and the Python API call."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from clipserve.engine.core import EngineCore
 from clipserve.engine.jobs import Jobs
 from clipserve.engine.profiler import ProfileReport, profile_model, trace_folder
 from clipserve.engine.registry import BackendLoader
+from clipserve.engine.tasks.caption import Answer, Captioning, Captions
 from clipserve.engine.tasks.embed import Content, Embedding, Embeddings, Where
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult, Evaluation, ProgressCallback
 from clipserve.engine.tasks.job_chunks import JobChunks
@@ -42,6 +44,7 @@ class Engine(EngineCore):
         self.retrieval = Retrieval(self, self._embedding)
         self.jobs = Jobs(settings.jobs, JobChunks(self, self._embedding, self._evaluation))
         self.collections = Collections(self, self._embedding, settings.collections)
+        self.captioning = Captioning(self)
 
     async def profile(
         self, model: str | None, modality: Modality, *, batch_size: int, passes: int
@@ -152,3 +155,45 @@ class Engine(EngineCore):
         """Per image, labels by probability (softmax for CLIP, sigmoid for SigLIP), or its
         error."""
         return await self.retrieval.classify(model, images, labels, template, client=client)
+
+    async def caption(
+        self,
+        model: str | None,
+        images: Sequence[ImageInput],
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        client: str | None = None,
+    ) -> Captions:
+        """A caption per image (greedy decoding unless ``num_beams`` > 1), in input order; an
+        image that failed carries its error. ``model``: a caption model (default
+        ``captions.default_model``)."""
+        return await self.captioning.caption(
+            model,
+            images,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            client=client,
+        )
+
+    async def answer(
+        self,
+        model: str | None,
+        image: ImageInput,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        client: str | None = None,
+    ) -> Answer:
+        """A visual question answering model's answer to ``question`` about ``image``."""
+        return await self.captioning.answer(
+            model,
+            image,
+            question,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            client=client,
+        )

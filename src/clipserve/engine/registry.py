@@ -15,7 +15,19 @@ Concurrency contract:
   inside a request's ``finally`` that a client disconnect could cancel; ``close`` waits for them
   up to a time limit and abandons (and reports) what is still running, such as a close queued
   behind a stuck forward pass;
-* when a handle is closed its metric series go too (unless the name is live again).
+* when a handle is closed its metric series go too (unless the name is live again);
+* memory budget (``memory_budget_gb``, per device): a load reserves its spec's ``memory_gb`` on
+  its device synchronously, before its first await, so two loads at once cannot both pass the
+  check; the reservation is released however the load ends (in a ``finally``: loaded, when the
+  handle's real ``memory_bytes`` takes its place, failed, refused, cancelled or superseded). A
+  handle's memory counts until its close has run (a retired model still serving its last
+  requests, one being closed); a load that needs it may count on a model being closed (one load
+  per model) and waits for that close before it starts. With ``evict_idle`` the least recently
+  used idle models (no lease, empty queues: never one with requests in flight) are retired to
+  make room the same way; otherwise, or when that cannot make room, the load is refused with a
+  :class:`~clipserve.errors.MemoryBudgetError` (503), recorded as the entry's error but not held
+  for ``model_retry_interval_s``: the next request checks again. Remote models
+  (``openai-vision``, device ``remote``) take nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import torch
 
@@ -38,6 +50,8 @@ from clipserve.engine.executor import Executors, WorkerThreads
 from clipserve.errors import (
     ClipServeError,
     ConfigError,
+    MemoryBudgetError,
+    MemoryUse,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -64,7 +78,14 @@ CLOSE_TIMEOUT_S = 10.0
 _HANDOUT_ATTEMPTS = 3
 
 # Fields whose change means the weights must be loaded again; others (description...) are metadata.
-_LOAD_FIELDS = ("model_name", "pretrained", "backend", "device", "precision")
+# Caption backends hold their spec's prompt and remote settings from the load on.
+_WEIGHTS_FIELDS = ("model_name", "pretrained", "backend", "device", "precision", "task")
+_LOAD_FIELDS = (*_WEIGHTS_FIELDS, "prompt", "base_url", "api_key", "timeout_s", "max_retries")
+
+_GB = 10**9
+"""``memory_gb`` and ``memory_budget_gb`` are decimal GB, as the specs' estimates are."""
+_REMOTE_DEVICE = "remote"
+"""``BackendInfo.device`` of a model served elsewhere (no device memory here)."""
 
 
 class BackendLoader(Protocol):
@@ -96,6 +117,9 @@ class ModelHandle:
     warmup_time_s: float | None = None
     """How long the last warm-up of this load took (:mod:`clipserve.engine.warmup`)."""
     warmed_up_at: float | None = None
+    last_used: float = 0.0
+    """Registry clock time of the load or of the last lease's start or end: ``evict_idle``
+    unloads the least recently used idle model first."""
 
     @property
     def info(self) -> BackendInfo:
@@ -113,6 +137,40 @@ class _Entry:
     load_task: asyncio.Task[ModelHandle] | None = None
     load_time_s: float | None = None
     loaded_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    """A load's claim on its device's memory budget until the handle's real size replaces it."""
+
+    device: str
+    nbytes: int
+    freeing: tuple[ModelHandle, ...] = ()
+    """Closing models whose memory this load counts on (it waits for their closes first); no
+    other load may count on them too."""
+
+
+def _estimate_bytes(spec: ModelSpec) -> int:
+    """What the spec says a load will take (0: no estimate, or a remote model)."""
+    if spec.backend == "openai-vision" or spec.memory_gb is None:
+        return 0
+    return int(spec.memory_gb * _GB)
+
+
+def _handle_bytes(handle: ModelHandle) -> int:
+    """What a loaded model takes: its measured size, else the spec's estimate."""
+    if handle.device == _REMOTE_DEVICE or handle.spec.backend == "openai-vision":
+        return 0
+    return handle.info.memory_bytes or _estimate_bytes(handle.spec)
+
+
+def _budget_device(device: str) -> str:
+    """The device a budget is kept for: ``cuda`` (the current device) is ``cuda:0``."""
+    return "cuda:0" if device == "cuda" else device
+
+
+def _queued(handle: ModelHandle) -> int:
+    return sum(queue.size for queue in handle.queues.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +227,11 @@ class ModelRegistry:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._config_stamp: tuple[int, int] | None = None
+        self._resident: dict[ModelHandle, None] = {}
+        """Every handle whose weights are not released yet (live, retired, closing), in load
+        order: what the memory budget counts."""
+        self._closing: dict[ModelHandle, asyncio.Task[None]] = {}
+        self._reservations: dict[_Entry, _Reservation] = {}
         self._reload_lock = asyncio.Lock()
         self.last_reload_at: float | None = None
         self.last_reload_error: str | None = None
@@ -250,10 +313,12 @@ class ModelRegistry:
         async with asyncio.timeout_at(deadline):
             handle = await self.get(name)
         handle.leases += 1
+        handle.last_used = self._clock()
         try:
             yield handle
         finally:
             handle.leases -= 1
+            handle.last_used = self._clock()
             if handle.retired and handle.leases == 0:
                 self._schedule_close(handle)
 
@@ -273,6 +338,12 @@ class ModelRegistry:
             logger.error("registry task %s failed", task.get_name(), exc_info=exc)
 
     async def _load(self, entry: _Entry) -> ModelHandle:
+        try:
+            return await self._load_entry(entry)
+        finally:  # however the load ends, its memory reservation goes (one load per entry)
+            self._reservations.pop(entry, None)
+
+    async def _load_entry(self, entry: _Entry) -> ModelHandle:
         spec = entry.spec
         entry.state, entry.error = ModelState.LOADING, None
         self._publish_state(entry.name)
@@ -280,12 +351,21 @@ class ModelRegistry:
         try:
             device = resolve_device(spec.device or self._settings.device)
             dtype = resolve_dtype(device, spec.precision, self._settings.cuda_precision)
+            evicted = self._reserve(entry, device)  # synchronous: before the first await
+            if evicted:  # their weights must be gone before these are loaded
+                await asyncio.wait(evicted)
             logger.info("loading model '%s' (%s) on %s", entry.name, spec.model_name, device)
             backend = await asyncio.wrap_future(
                 self._executors.load(
                     partial(self._loader, spec, device=device, dtype=dtype), entry.name
                 )
             )
+        except MemoryBudgetError as exc:
+            logger.warning("model '%s' not loaded: %s", entry.name, exc.reason)
+            entry.state, entry.error, entry.failed_at = ModelState.ERROR, exc.reason, None
+            entry.load_task = None
+            self._publish_state(entry.name)
+            raise
         except Exception as exc:
             if isinstance(exc, ModelLoadError):
                 reason = exc.message
@@ -309,6 +389,10 @@ class ModelRegistry:
         elapsed = self._clock() - started
         device = backend.info.device
         handle = ModelHandle(entry.name, spec, backend, self._executors.device(device), device)
+        handle.last_used = self._clock()
+        self._resident[handle] = None  # its real size replaces the reservation, at once
+        self._reservations.pop(entry, None)
+        self._check_loaded_size(handle)
         if self._entries.get(entry.name) is not entry:  # replaced by a reload while loading
             handle.retired = True
             self._schedule_close(handle)
@@ -329,6 +413,125 @@ class ModelRegistry:
         self._publish_state(entry.name)
         logger.info("model '%s' loaded in %.2f s", entry.name, elapsed)
         return handle
+
+    # --- memory budget -------------------------------------------------------------------------
+
+    def _uses(self, device: str) -> list[tuple[MemoryUse, int, ModelHandle | None]]:
+        """What takes ``device``'s budget (bytes, and the handle unless a load in progress):
+        resident handles in load order, then loads in progress."""
+        uses: list[tuple[MemoryUse, int, ModelHandle | None]] = []
+        for handle in self._resident:
+            nbytes = _handle_bytes(handle)
+            if nbytes and _budget_device(handle.device) == device:
+                state: Literal["loaded", "unloading"] = "unloading" if handle.retired else "loaded"
+                use = MemoryUse(handle.name, nbytes / _GB, handle.leases, _queued(handle), state)
+                uses.append((use, nbytes, handle))
+        for entry, reserved in self._reservations.items():
+            if reserved.nbytes and reserved.device == device:
+                use = MemoryUse(entry.name, reserved.nbytes / _GB, state="loading")
+                uses.append((use, reserved.nbytes, None))
+        return uses
+
+    def _reserve(self, entry: _Entry, device: str) -> list[asyncio.Task[None]]:
+        """Reserve the spec's estimate on ``device`` or raise MemoryBudgetError. When it does not
+        fit, closing models nobody counts on yet, then (``evict_idle``) the least recently used
+        idle ones, make room: the close tasks the load must wait for are returned."""
+        budget_gb, need = self._settings.memory_budget_gb, _estimate_bytes(entry.spec)
+        if budget_gb is None or need == 0:
+            return []
+        key, limit = _budget_device(device), int(budget_gb * _GB)
+        uses = self._uses(key)
+        taken = sum(nbytes for _, nbytes, _ in uses)
+        freeing: list[ModelHandle] = []
+        if taken + need > limit and need <= limit:
+            claimed = {h for r in self._reservations.values() for h in r.freeing}
+            handles = [h for _, _, h in uses if h is not None and h not in claimed]
+            closing = [h for h in handles if h in self._closing]
+            idle = sorted((h for h in handles if self._idle(h)), key=lambda h: h.last_used)
+            freed = 0
+            for handle in closing + (idle if self._settings.evict_idle else []):
+                if taken - freed + need <= limit:
+                    break
+                freeing.append(handle)
+                freed += _handle_bytes(handle)
+            if taken - freed + need <= limit:
+                taken -= freed
+            else:
+                freeing = []  # it would not fit even so: unload nothing
+        if taken + need > limit:
+            raise self._refusal(entry.name, device, need, limit, taken, [u for u, _, _ in uses])
+        self._reservations[entry] = _Reservation(key, need, tuple(freeing))
+        now = self._clock()
+        for handle in freeing:
+            if handle.retired:
+                continue  # closing already
+            logger.info(
+                "evicting model '%s' (idle, last used %.0f s ago) to make room for '%s'",
+                handle.name,
+                now - handle.last_used,
+                entry.name,
+            )
+            self._retire(self._entries[handle.name])
+            self._publish_state(handle.name)
+        return [self._closing[h] for h in freeing if h in self._closing]
+
+    @staticmethod
+    def _idle(handle: ModelHandle) -> bool:
+        return not handle.retired and handle.leases == 0 and _queued(handle) == 0
+
+    def _refusal(
+        self, name: str, device: str, need: int, limit: int, taken: int, uses: list[MemoryUse]
+    ) -> MemoryBudgetError:
+        evict = self._settings.evict_idle
+        if need > limit:
+            hint, soon = "it does not fit even alone; raise memory_budget_gb", False
+        elif evict:
+            hint = "no idle model can make room; retry when requests finish, or raise the budget"
+            soon = True
+        else:
+            hint = "unload one, raise memory_budget_gb or set evict_idle"
+            soon = any(use.state != "loaded" for use in uses)  # a load or close may end soon
+        # Retry-After is a hint; a refusal is not held: the next request checks again.
+        return MemoryBudgetError(
+            name,
+            device=device,
+            needed_gb=need / _GB,
+            budget_gb=limit / _GB,
+            left_gb=max(0, limit - taken) / _GB,
+            loaded=uses,
+            hint=hint,
+            retry_after_s=1.0 if soon else self._settings.model_retry_interval_s,
+        )
+
+    def _check_loaded_size(self, handle: ModelHandle) -> None:
+        """Warn when the measured size breaks the budget (the model is kept: it is loaded)."""
+        budget_gb, nbytes = self._settings.memory_budget_gb, _handle_bytes(handle)
+        if budget_gb is None or nbytes == 0:
+            return
+        key, limit = _budget_device(handle.device), int(budget_gb * _GB)
+        freeing = {h for r in self._reservations.values() for h in r.freeing}
+        taken = sum(nbytes for _, nbytes, h in self._uses(key) if h not in freeing)
+        if nbytes > limit:
+            logger.warning(
+                "model '%s' takes %.2f GB on %s, more than the whole memory budget (%.2f GB); "
+                "it stays loaded, other loads there wait until it is unloaded",
+                handle.name,
+                nbytes / _GB,
+                key,
+                budget_gb,
+            )
+        elif taken > limit:
+            estimate = handle.spec.memory_gb
+            logger.warning(
+                "model '%s' takes %.2f GB on %s (%s): the models there now take %.2f GB of the "
+                "%.2f GB memory budget",
+                handle.name,
+                nbytes / _GB,
+                key,
+                "no memory_gb estimate" if estimate is None else f"estimated {estimate} GB",
+                taken / _GB,
+                budget_gb,
+            )
 
     def _failed(self, entry: _Entry, reason: str) -> None:
         entry.state, entry.error, entry.failed_at = ModelState.ERROR, reason, self._clock()
@@ -353,9 +556,16 @@ class ModelRegistry:
     def _schedule_close(self, handle: ModelHandle) -> None:
         if not handle.closed:
             handle.closed = True
-            self._spawn(self._close_handle(handle), f"close-{handle.name}")
+            self._closing[handle] = self._spawn(self._close_handle(handle), f"close-{handle.name}")
 
     async def _close_handle(self, handle: ModelHandle) -> None:
+        try:
+            await self._release(handle)
+        finally:  # its memory is free now (or abandoned with a stuck device thread)
+            self._resident.pop(handle, None)
+            self._closing.pop(handle, None)
+
+    async def _release(self, handle: ModelHandle) -> None:
         logger.info("unloading model '%s'", handle.name)
         if self._on_unload is not None:
             await self._on_unload(handle)
