@@ -2830,7 +2830,10 @@ async def test_forwarded_for_names_the_client(
         _client(app, PEER) as caller,
         _client(app, "192.0.2.1") as bystander,
     ):
-        await _exercise(caller, media, replace(case, status=200, message="", forbidden=()))
+        # The first request also loads the model (and, late in a long run, may meet a full
+        # garbage collection of a large heap): its bound is looser than the refusal's.
+        first = replace(case, status=200, message="", forbidden=(), max_seconds=5.0)
+        await _exercise(caller, media, first)
         await _exercise(caller, media, case)
         await still_serves(bystander, media)
 

@@ -31,6 +31,7 @@ _DIR = Path(tempfile.mkdtemp(prefix="clipserve-fuzz-"))
         {
             "fast": {"model_name": "fake-fast"},
             "accurate": {"model_name": "fake-accurate"},
+            "blip": {"model_name": "fake-blip", "backend": "hf", "task": "caption"},
             "minilm": {"model_name": "fake-text", "backend": "sentence-transformers"},
         }
     )

@@ -95,7 +95,7 @@ async def test_every_endpoint_answers_with_a_seed_shaped_config(
     listing = await client.get("/v1/system/models")
     assert listing.status_code == 200
     names = {m["name"] for m in listing.json()["models"]}
-    assert names == {"fast", "accurate", "siglip", "minilm"}
+    assert names == {"fast", "accurate", "siglip", "blip", "minilm"}  # the built-ins stay
     everything = await client.get("/v1/system/models/all")
     assert everything.status_code == 200
     assert {m["name"] for m in everything.json()["models"]} == names

@@ -102,3 +102,26 @@ def test_sigterm_finishes_in_flight_work_before_exit(
     assert "Traceback" not in log
     with pytest.raises(httpx.TransportError):  # and it accepts nothing more
         httpx.get(f"{base}/health", timeout=2)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_inference_port_serves_the_same_app(
+    tmp_path: Path, tiny_registry: dict[str, Any], workers: str
+) -> None:
+    from clipserve.testing.servers import free_port
+
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps(tiny_registry))
+    extra = free_port()
+    env = {"CLIPSERVE_DEFAULT_MODEL": "tiny"}
+    args = ["--inference-port", str(extra), "--workers", workers]
+    with clipserve_process(config, env=env, args=args) as (base, process):
+        main = httpx.get(f"{base}/api/v1/capabilities", timeout=30)
+        second = httpx.get(f"http://127.0.0.1:{extra}/api/v1/capabilities", timeout=30)
+        assert main.status_code == 200, main.text
+        assert second.status_code == 200, second.text
+        assert second.json()["max_batch_size"] == main.json()["max_batch_size"]
+        health = httpx.get(f"http://127.0.0.1:{extra}/evaluator/health", timeout=30)
+        assert health.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)

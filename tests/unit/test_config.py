@@ -179,8 +179,8 @@ def test_empty_files_add_nothing(tmp_path: Path, content: object) -> None:
         ),
         (
             {"fast": {"backend": "onnx"}},
-            "{path}: model 'fast': backend: Input should be 'open_clip', 'hf' or "
-            "'sentence-transformers'",
+            "{path}: model 'fast': backend: Input should be 'open_clip', 'hf', "
+            "'sentence-transformers' or 'openai-vision'",
         ),
         (
             {"models": {"new": {"model_name": "", "accuracy_score": 3}}},

@@ -659,3 +659,99 @@ async def test_remote_timeouts_fail_rows_and_refused_connections_end_the_job(
     with pytest.raises(ServiceUnreachableError, match="cannot connect to the clipserve service"):
         await scorer.start([None])
     await scorer.close()
+
+
+# --- --caption: what a caption model sees in each image, scored beside the prompt ---------------
+
+
+@pytest.fixture
+def caption_settings(
+    make_settings: Callable[..., Settings],
+    tiny_blip_dirs: dict[str, Path],
+    tiny_registry: dict[str, dict[str, Any]],
+) -> Settings:
+    models = {
+        "tiny": tiny_registry["tiny"],
+        "tiny-hf": tiny_registry["tiny-hf"],
+        "blip": {"model_name": str(tiny_blip_dirs["caption"]), "backend": "hf", "task": "caption"},
+    }
+    return make_settings(models, default_model="tiny")
+
+
+async def test_caption_columns_score_the_generated_caption(
+    dataset: Path, caption_settings: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    job = ScoringJob(str(dataset), str(out), caption_model="blip", chunk_size=4)
+    await run_job(job, caption_settings, console=quiet(), out=quiet())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(rows[0])[-3:] == ["generated_caption", "generated_error", "generated_clip_score"]
+    for row in (rows[0], rows[1], rows[3], rows[5]):
+        assert isinstance(row["generated_caption"], str)
+        assert row["generated_caption"]
+        assert row["generated_error"] is None
+        assert 0.0 <= row["generated_clip_score"] <= 100.0
+    assert rows[2]["generated_caption"] is None  # the missing file: no caption, its error
+    assert rows[2]["generated_error"] == rows[2]["error"]
+    assert rows[4]["generated_error"] is None  # an empty prompt is the row's problem...
+    assert rows[4]["generated_caption"] is None  # ...and the row is skipped whole
+
+    async with Engine(caption_settings) as engine:  # the same caption, scored the same
+        (caption,) = (await engine.caption("blip", [str(dataset.parent / "img/cat.png")])).captions
+        assert caption.caption == rows[0]["generated_caption"]
+        (direct,) = await engine.evaluate(
+            [EvalItem(str(dataset.parent / "img/cat.png"), caption.caption or "", "tiny")]
+        )
+    assert direct.score is not None
+    assert abs(direct.score - rows[0]["generated_clip_score"]) < 1e-4
+
+
+async def test_caption_columns_in_compare_mode_and_unknown_caption_models(
+    dataset: Path, caption_settings: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    job = ScoringJob(
+        str(dataset), str(out), models=("tiny", "tiny-hf"), compare=True, caption_model="blip"
+    )
+    await run_job(job, caption_settings, console=quiet(), out=quiet())
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["generated_clip_score_tiny"] is not None
+    assert row["generated_clip_score_tiny-hf"] is not None
+    with pytest.raises(ModelNotFoundError, match="'nope' is unknown"):
+        await run_job(
+            ScoringJob(str(dataset), str(out), caption_model="nope"),
+            caption_settings,
+            console=quiet(),
+            out=quiet(),
+        )
+
+
+async def test_remote_captions_equal_local_ones(
+    dataset: Path, caption_settings: Settings, tmp_path: Path
+) -> None:
+    from asgi_lifespan import LifespanManager
+
+    from clipserve.api.app import create_app
+
+    local = tmp_path / "local.jsonl"
+    await run_job(
+        ScoringJob(str(dataset), str(local), caption_model="blip"),
+        caption_settings,
+        console=quiet(),
+        out=quiet(),
+    )
+    app = create_app(caption_settings)
+    async with LifespanManager(app) as manager:
+        scorer = RemoteScorer(
+            "http://svc.test",
+            media=MediaSettings(media_root=tmp_path),
+            transport=httpx.ASGITransport(app=manager.app),
+        )
+        await scorer.start([None], caption_model="blip")
+        images = [str(dataset.parent / "img/cat.png"), str(tmp_path / "nope.png")]
+        captions = await scorer.caption(images, "blip")
+        await scorer.close()
+    expected = json.loads(local.read_text().splitlines()[0])["generated_caption"]
+    assert captions[0] == expected
+    assert isinstance(captions[1], ModelNotFoundError | Exception)
+    assert "image file not found" in str(captions[1])

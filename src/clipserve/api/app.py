@@ -25,6 +25,7 @@ from clipserve.api.routes import (
     embeddings,
     evaluation,
     health,
+    inference,
     jobs,
     models,
     rank,
@@ -128,6 +129,10 @@ def create_app(
     )
     for router in routers:
         app.include_router(router, responses=errors)
+    prefix = settings.server.inference_prefix  # the ML inference service's (seed 001) paths
+    for router in (inference.upload_router, inference.router, system.inference_router):
+        app.include_router(router, prefix=prefix, responses=errors)
+    app.include_router(inference.qa_router, responses=errors)
     app.include_router(embeddings.openai_router, responses=openai_errors)
     return app
 

@@ -32,7 +32,10 @@ With --service-url the rows go to a running service (--config and --device are t
 local files are read here and sent inline.
 
 Output columns: clip_score, error, model, text_truncated; with --compare a,b: clip_score_<m>
-and error_<m> per model, plus Pearson/Spearman correlations in the summary. Without --output
+and error_<m> per model, plus Pearson/Spearman correlations in the summary. With --caption
+MODEL: generated_caption (what the caption model sees in the image), generated_error and
+generated_clip_score (per model when comparing), the generated caption's score against the
+image, beside the prompt's. Without --output
 the first 20 rows are shown as a table; --output - writes CSV to stdout.
 
 Exit codes: 0 the job ran (some rows may have failed: see the error column); 1 no row could be
@@ -53,6 +56,13 @@ def score(
     compare: Annotated[
         str | None,
         typer.Option(help="Score each row with several models, e.g. fast,accurate."),
+    ] = None,
+    caption: Annotated[
+        str | None,
+        typer.Option(
+            help="Also caption each image with this caption model (e.g. blip) and score the "
+            "caption against the image."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(min=1, max=1024, help="Pairs per forward pass (default 32).")
@@ -101,6 +111,7 @@ def score(
             chunk_size=chunk_size,
             service_url=service_url,
             timeout_s=timeout,
+            caption_model=caption,
         )
         summary = scoring.run(job, settings, console=console)
     except (InvalidInputError, ModelNotFoundError, ConfigError) as exc:

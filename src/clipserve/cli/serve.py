@@ -19,14 +19,36 @@ from clipserve.errors import ConfigError
 from clipserve.observability.logging import configure_logging
 
 
+def _run(app: Any, settings: Settings, options: dict[str, Any], *, workers: int = 1) -> None:
+    """uvicorn on ``server.port``, and on ``server.inference_port`` as well when it is set (the
+    same app, processes and workers on both sockets)."""
+    import uvicorn
+
+    extra = settings.server.inference_port
+    if extra is None:
+        uvicorn.run(app, workers=workers, factory=isinstance(app, str), **options)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(app, workers=workers, factory=isinstance(app, str), **options)
+    second = uvicorn.Config(app, host=config.host, port=extra)
+    sockets = [config.bind_socket(), second.bind_socket()]
+    try:
+        if workers > 1:
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def _serve_workers(settings: Settings, workers: int, options: dict[str, Any]) -> None:
     """uvicorn's worker processes, each building the app from these settings (a file named in
     their environment), their metrics in one ``PROMETHEUS_MULTIPROC_DIR`` (emptied first: values
     left by an earlier run would be counted again; a temporary one unless set)."""
     import os
     import tempfile
-
-    import uvicorn
 
     from clipserve.api.app import SETTINGS_FILE_ENV
 
@@ -39,7 +61,7 @@ def _serve_workers(settings: Settings, workers: int, options: dict[str, Any]) ->
         settings_file.write_text(settings.model_dump_json())
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         os.environ[SETTINGS_FILE_ENV] = str(settings_file)
-        uvicorn.run("clipserve.api.app:worker_app", factory=True, workers=workers, **options)
+        _run("clipserve.api.app:worker_app", settings, options, workers=workers)
 
 
 @app.command()
@@ -99,10 +121,13 @@ def serve(
         int | None,
         typer.Option(help="Requests at once; more get 429 before their body is read."),
     ] = None,
+    inference_port: Annotated[
+        int | None,
+        typer.Option(help="Also listen on this port (the ML inference service's, e.g. 8001)."),
+    ] = None,
 ) -> None:
-    """Start the HTTP service."""
-    import uvicorn
-
+    """Start the HTTP service (also on `server.inference_port` when set: the ML inference
+    service's port, 8001, for clients that expect it there)."""
     from clipserve.api.app import create_app
 
     settings = build_settings(
@@ -115,6 +140,7 @@ def serve(
             "log_level": log_level,
             "log_format": log_format,
             "max_concurrent_requests": max_concurrent_requests,
+            "inference_port": inference_port,
         },
         media={"media_root": media_root},
         auth={"api_keys_file": api_keys_file},
@@ -141,7 +167,7 @@ def serve(
         if workers > 1:
             _serve_workers(settings, workers, options)
         else:
-            uvicorn.run(create_app(settings, freeze_heap=True), **options)
+            _run(create_app(settings, freeze_heap=True), settings, options)
     except ConfigError as exc:
         console.print(f"[red]config error:[/red] {exc.message}")
         raise typer.Exit(2) from exc

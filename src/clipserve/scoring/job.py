@@ -14,7 +14,7 @@ import functools
 import itertools
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -24,6 +24,7 @@ from rich.console import Console
 from clipserve.config import Settings
 from clipserve.engine.registry import BackendLoader
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult
+from clipserve.errors import ClipServeError
 from clipserve.scoring.output import PreviewWriter, RowWriter, open_writer
 from clipserve.scoring.report import print_preview, print_summary, progress_bar
 from clipserve.scoring.rows import (
@@ -60,6 +61,9 @@ class ScoringJob:
     """Score through this running service instead of in this process."""
     timeout_s: float = 300.0
     """Per request to the service."""
+    caption_model: str | None = None
+    """A caption model: each row also gets the caption it generates for the image and that
+    caption's CLIP score (``--caption``)."""
 
 
 def choose_models(model: str | None, compare: str | None) -> tuple[tuple[str | None, ...], bool]:
@@ -77,16 +81,27 @@ def choose_models(model: str | None, compare: str | None) -> tuple[tuple[str | N
 @dataclass(frozen=True, slots=True)
 class ColumnLayout:
     """The result columns: ``clip_score, error, model, text_truncated`` for one model;
-    ``clip_score_<model>, error_<model>`` per model when comparing."""
+    ``clip_score_<model>, error_<model>`` per model when comparing. With a caption model:
+    ``generated_caption`` and ``generated_error``, and the generated caption's score,
+    ``generated_clip_score`` (``generated_clip_score_<model>`` when comparing)."""
 
     labels: tuple[str, ...]
     compare: bool
+    captions: bool = False
 
     @property
     def names(self) -> list[str]:
         if not self.compare:
-            return ["clip_score", "error", "model", "text_truncated"]
-        return [f"{kind}_{label}" for label in self.labels for kind in ("clip_score", "error")]
+            names = ["clip_score", "error", "model", "text_truncated"]
+        else:
+            names = [f"{k}_{label}" for label in self.labels for k in ("clip_score", "error")]
+        if self.captions:
+            names += ["generated_caption", "generated_error"]
+            names += [self._generated(label) for label in self.labels]
+        return names
+
+    def _generated(self, label: str) -> str:
+        return f"generated_clip_score_{label}" if self.compare else "generated_clip_score"
 
     def columns(self, results: Sequence[EvalResult | None], problem: str | None) -> dict[str, Any]:
         errors = [problem or (r.error.message if r and r.error else None) for r in results]
@@ -105,6 +120,21 @@ class ColumnLayout:
             out[f"error_{label}"] = error
         return out
 
+    def caption_columns(
+        self, caption: str | ClipServeError | None, results: Sequence[EvalResult | None]
+    ) -> dict[str, Any]:
+        """The generated caption (or why there is none) and its score by each model."""
+        error = caption.message if isinstance(caption, ClipServeError) else None
+        if error is None and caption is not None:
+            error = next((r.error.message for r in results if r and r.error), None)
+        out: dict[str, Any] = {
+            "generated_caption": caption if isinstance(caption, str) else None,
+            "generated_error": error,
+        }
+        for label, result in zip(self.labels, results, strict=True):
+            out[self._generated(label)] = result.score if result and not result.error else None
+        return out
+
 
 async def score_rows(
     rows: Iterable[InputRow],
@@ -116,10 +146,15 @@ async def score_rows(
     batch_size: int = 32,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     advance: Advance | None = None,
+    caption_model: str | None = None,
 ) -> JobSummary:
-    """Score ``rows`` with a started ``scorer`` and write one record per row, in order."""
+    """Score ``rows`` with a started ``scorer`` and write one record per row, in order. With
+    ``caption_model``, each row's image is also captioned and the caption scored by each model
+    (progress counts the prompts' pairs only)."""
     started = time.perf_counter()
-    layout = ColumnLayout(tuple(scorer.model_name(m) for m in models), compare)
+    layout = ColumnLayout(
+        tuple(scorer.model_name(m) for m in models), compare, captions=caption_model is not None
+    )
     summary = SummaryBuilder(layout.labels)
     errors: Counter[str] = Counter()
     for chunk in _chunks(rows, chunk_size):
@@ -131,10 +166,17 @@ async def score_rows(
         if advance is not None and skipped:
             advance(skipped)
         results = iter(await scorer.score(items, batch_size=batch_size, advance=advance))
+        generated: Iterator[tuple[str | ClipServeError | None, list[EvalResult | None]]] = iter(())
+        if caption_model is not None:
+            generated = iter(
+                await _generated_captions(chunk, scorer, caption_model, models, batch_size)
+            )
         records = []
         for row in chunk:
             row_results = [None if row.problem else next(results) for _ in models]
             columns = layout.columns(row_results, row.problem)
+            if caption_model is not None:
+                columns |= layout.caption_columns(*next(generated))
             records.append({**row.fields, **columns})
             summary.add_row([None if row.problem or r is None else r.score for r in row_results])
             for r in row_results:
@@ -143,6 +185,33 @@ async def score_rows(
                     errors[message] += 1
         writer.write(records)
     return summary.build(time.perf_counter() - started, errors.most_common(3))
+
+
+async def _generated_captions(
+    chunk: Sequence[InputRow],
+    scorer: Scorer,
+    caption_model: str,
+    models: Sequence[str | None],
+    batch_size: int,
+) -> list[tuple[str | ClipServeError | None, list[EvalResult | None]]]:
+    """Per row: the caption ``caption_model`` generates for its image (its error, or None for a
+    row that could not be read), and that caption's result by each model."""
+    valid = [row for row in chunk if row.problem is None]
+    captions = iter(await scorer.caption([row.image for row in valid], caption_model))
+    per_row: list[str | ClipServeError | None] = [
+        None if row.problem else next(captions) for row in chunk
+    ]
+    items = [
+        EvalItem(row.image, caption, m)
+        for row, caption in zip(chunk, per_row, strict=True)
+        if isinstance(caption, str)
+        for m in models
+    ]
+    scored = iter(await scorer.score(items, batch_size=batch_size))
+    return [
+        (caption, [next(scored) if isinstance(caption, str) else None for _ in models])
+        for caption in per_row
+    ]
 
 
 def _chunks(rows: Iterable[InputRow], size: int) -> Iterable[list[InputRow]]:
@@ -196,10 +265,14 @@ async def run_job(
             total = table.count()
             with progress_bar(console, None if total is None else total * len(job.models)) as bar:
                 bar.describe("loading models" if job.service_url is None else "connecting")
-                await scorer.start(job.models)
+                await scorer.start(job.models, caption_model=job.caption_model)
                 bar.describe("scoring")
                 writer = open_writer(job.output, stdout=stdout)
-                layout = ColumnLayout(tuple(scorer.model_name(m) for m in job.models), job.compare)
+                layout = ColumnLayout(
+                    tuple(scorer.model_name(m) for m in job.models),
+                    job.compare,
+                    captions=job.caption_model is not None,
+                )
                 try:
                     summary = await score_rows(
                         table.rows(),
@@ -210,6 +283,7 @@ async def run_job(
                         batch_size=batch_size,
                         chunk_size=job.chunk_size,
                         advance=bar.advance,
+                        caption_model=job.caption_model,
                     )
                 finally:
                     writer.close()

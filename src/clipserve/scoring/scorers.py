@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from clipserve.api.schemas.evaluation import BatchEvaluationResponse
+from clipserve.api.schemas.inference import CaptionResponse
 from clipserve.config import MediaSettings, Settings
 from clipserve.engine.core import prefetch_window
 from clipserve.engine.engine import Engine
@@ -33,6 +34,8 @@ Advance = Callable[[int], None]
 
 BATCH_PATH: Final = "/evaluator/v1/evaluation/batch"
 MODELS_PATH: Final = "/v1/system/models"
+CAPTION_PATH: Final = "/api/v1/caption"
+CAPTION_REQUEST_IMAGES: Final = 32
 SERVICE_BATCH_LIMIT: Final = 1000
 """The service's default ``server.max_batch_items``; a lower limit is learnt from its 422."""
 MAX_REQUEST_CHARS: Final = 32 * 1024 * 1024
@@ -44,9 +47,12 @@ class ServiceUnreachableError(ClipServeError):
 
 
 class Scorer(Protocol):
-    async def start(self, models: Sequence[str | None]) -> None:
-        """Get ready to score with ``models`` (None: the default model); raise
-        :class:`~clipserve.errors.ModelNotFoundError` for an unknown name."""
+    async def start(
+        self, models: Sequence[str | None], *, caption_model: str | None = None
+    ) -> None:
+        """Get ready to score with ``models`` (None: the default model) and to caption with
+        ``caption_model``; raise :class:`~clipserve.errors.ModelNotFoundError` for an unknown
+        name."""
 
     def model_name(self, model: str | None) -> str:
         """The config name ``model`` stands for (resolves None to the default model)."""
@@ -55,6 +61,9 @@ class Scorer(Protocol):
         self, items: Sequence[EvalItem], *, batch_size: int, advance: Advance | None = None
     ) -> list[EvalResult]:
         """Results in input order; a failing pair carries its error, the others their score."""
+
+    async def caption(self, images: Sequence[ImageInput], model: str) -> list[str | ClipServeError]:
+        """A caption per image by caption model ``model``, in order, or that image's error."""
 
     async def close(self) -> None: ...
 
@@ -77,10 +86,14 @@ class LocalScorer:
             raise RuntimeError("LocalScorer.start() was not called")
         return self._engine
 
-    async def start(self, models: Sequence[str | None]) -> None:
+    async def start(
+        self, models: Sequence[str | None], *, caption_model: str | None = None
+    ) -> None:
         self._engine = Engine(self.settings, loader=self._loader)
         await self._engine.start()
         names = [self.model_name(m) for m in models]
+        if caption_model is not None:
+            names.append(caption_model)
         for name in names:
             self._engine.registry.spec(name)  # unknown names fail before anything loads
         for name in names:
@@ -105,6 +118,14 @@ class LocalScorer:
         )
         progress(len(items), len(items))
         return results
+
+    async def caption(self, images: Sequence[ImageInput], model: str) -> list[str | ClipServeError]:
+        out: list[str | ClipServeError] = []
+        step = self.settings.server.max_images_per_request
+        for start in range(0, len(images), step):
+            result = await self.engine.caption(model, images[start : start + step])
+            out.extend(c.error or c.caption or "" for c in result.captions)
+        return out
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -166,8 +187,11 @@ class RemoteScorer:
             headers={"User-Agent": "clipserve-score"},
         )
 
-    async def start(self, models: Sequence[str | None]) -> None:
-        """Check the service is up and knows ``models`` (skipped if it has no model list)."""
+    async def start(
+        self, models: Sequence[str | None], *, caption_model: str | None = None
+    ) -> None:
+        """Check the service is up and knows ``models`` and ``caption_model`` (skipped if it has
+        no model list)."""
         response = await self._send("GET", MODELS_PATH)
         if response.status_code != 200:
             logger.warning("no model list from %s (HTTP %d)", self.base_url, response.status_code)
@@ -179,7 +203,7 @@ class RemoteScorer:
         except (ValueError, KeyError, TypeError):
             logger.warning("unexpected model list from %s", self.base_url)
             return
-        for model in models:
+        for model in (*models, caption_model):
             if model is not None and model not in known:
                 raise ModelNotFoundError(model, known)
 
@@ -294,6 +318,48 @@ class RemoteScorer:
             self.max_items = limit
             return None
         return self._failed(items, f"service error (HTTP {response.status_code}): {error}")
+
+    async def caption(self, images: Sequence[ImageInput], model: str) -> list[str | ClipServeError]:
+        """Through ``POST /api/v1/caption``, :data:`CAPTION_REQUEST_IMAGES` images a request
+        (local files sent as data URIs); a failed request fails its images."""
+        out: list[str | ClipServeError] = []
+        for start in range(0, len(images), CAPTION_REQUEST_IMAGES):
+            part = images[start : start + CAPTION_REQUEST_IMAGES]
+            encoded = [await self._encode(image) for image in part]
+            sent = [e for e in encoded if isinstance(e, str)]
+            answers = iter(await self._post_captions(sent, model) if sent else [])
+            out.extend(e if isinstance(e, ClipServeError) else next(answers) for e in encoded)
+        return out
+
+    async def _post_captions(self, images: list[str], model: str) -> list[str | ClipServeError]:
+        try:
+            response = await self._send(
+                "POST", CAPTION_PATH, json={"model": model, "images": images}
+            )
+        except httpx.TimeoutException:
+            failure = ClipServeError(f"the service did not answer within {self.timeout_s:g} s")
+            return [failure] * len(images)
+        except httpx.TransportError as exc:
+            failure = ClipServeError(f"request to the service failed: {type(exc).__name__}")
+            return [failure] * len(images)
+        if response.status_code != 200:
+            error, _ = _error_body(response)
+            failure = ClipServeError(f"service error (HTTP {response.status_code}): {error}")
+            return [failure] * len(images)
+        try:
+            parsed = CaptionResponse.model_validate_json(response.content)
+        except ValidationError:
+            failure = ClipServeError("the service sent an invalid caption response")
+            return [failure] * len(images)
+        if len(parsed.captions) != len(images):
+            failure = ClipServeError(
+                f"the service answered {len(parsed.captions)} captions for {len(images)}"
+            )
+            return [failure] * len(images)
+        return [
+            ClipServeError(c.error) if c.error is not None else (c.caption or "")
+            for c in parsed.captions
+        ]
 
     def _failed(self, items: Sequence[EvalItem], message: str) -> list[EvalResult]:
         error = ClipServeError(message)

@@ -77,7 +77,7 @@ async def test_warmup_of_an_unknown_model_is_a_404_before_any_work(
     body = response.json()
     assert set(body) == {"error", "detail"}
     assert f"model config '{names[-1]}' is" in body["error"]
-    assert "available models: fast, accurate, minilm, broken" in body["error"]
+    assert "available models: fast, accurate, blip, minilm, broken" in body["error"]
     assert body["detail"]["model"] == names[-1]
     assert loader.loaded == {}  # nothing was loaded or warmed
 

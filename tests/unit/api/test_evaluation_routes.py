@@ -81,7 +81,7 @@ async def test_single_uses_the_default_model_and_a_local_path(
                 "model_config_name": "nope",
             },
             404,
-            "'nope' is unknown; available models: fast, accurate, minilm, broken",
+            "'nope' is unknown; available models: fast, accurate, blip, minilm, broken",
         ),
         (
             {

@@ -18,9 +18,9 @@ async def client(client_for: Callable[..., Any], make_settings: Callable[..., An
 async def test_list_hides_disabled_models_and_all_shows_them(client: Any) -> None:
     listed = (await client.get("/v1/system/models")).json()
     names = [m["name"] for m in listed["models"]]
-    assert names == ["fast", "accurate", "minilm", "broken"]
+    assert names == ["fast", "accurate", "blip", "minilm", "broken"]
     assert listed["default_model"] == "fast"
-    assert listed["total"] == 4
+    assert listed["total"] == 5
     fast = listed["models"][0]
     assert fast["status"] == "not_loaded"
     assert fast["loaded"] is False
@@ -41,7 +41,7 @@ async def test_list_hides_disabled_models_and_all_shows_them(client: Any) -> Non
 
 async def test_specs_are_in_the_config_file_shape(client: Any) -> None:
     specs = (await client.get("/v1/system/models/specs")).json()
-    assert set(specs) == {"fast", "accurate", "minilm", "broken"}
+    assert set(specs) == {"fast", "accurate", "blip", "minilm", "broken"}
     assert specs["fast"]["model_name"] == "fake-fast"
     assert specs["fast"]["backend"] == "open_clip"
 
@@ -73,7 +73,7 @@ async def test_info_of_unknown_model_is_404_listing_names(client: Any) -> None:
     response = await client.get("/v1/system/models/nope/info")
     assert response.status_code == 404
     body = response.json()
-    assert body["detail"]["available_models"] == ["fast", "accurate", "minilm", "broken"]
+    assert body["detail"]["available_models"] == ["fast", "accurate", "blip", "minilm", "broken"]
 
 
 async def test_info_of_broken_model_shows_the_error(client: Any) -> None:

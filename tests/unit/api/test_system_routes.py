@@ -36,7 +36,7 @@ async def test_status_reports_versions_and_limits(client: Any) -> None:
     assert status["version"] == "0.1.0"
     assert status["cuda_available"] is False
     assert status["device"] == "cpu"
-    assert status["models_total"] == 4
+    assert status["models_total"] == 5
     assert status["limits"]["max_image_bytes"] == 20 * 1024 * 1024
     assert status["config_path"].endswith("models.json")
 

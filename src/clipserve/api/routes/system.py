@@ -1,5 +1,6 @@
-"""Service facts, warm-up and the profiler: GET /v1/system/status, GET /api/v1/capabilities,
-POST /api/v1/warmup, POST /v1/system/profile and GET /v1/system/profiles/{file} (admin)."""
+"""Service facts, warm-up and the profiler: GET /v1/system/status, POST /v1/system/profile and
+GET /v1/system/profiles/{file} (admin); and on ``inference_router`` (mounted under
+``server.inference_prefix``, ``/api/v1``): POST /warmup and GET /capabilities."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from clipserve.observability.system import backend_packages, gpu_memory
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["system"])
+inference_router = APIRouter(tags=["inference service"])
 
 
 @router.get("/v1/system/status", response_model=StatusResponse)
@@ -104,7 +106,7 @@ def _model_warmup(report: WarmupReport) -> ModelWarmup:
     )
 
 
-@router.post("/api/v1/warmup", response_model=WarmupResponse)
+@inference_router.post("/warmup", response_model=WarmupResponse)
 async def warmup(engine: EngineDep, body: WarmupRequest | None = None) -> WarmupResponse:
     """Dummy forward passes (batch 1 and the queue's max batch size, per modality) through the
     named models, loading them first if needed; no body: every loaded model. A model that fails
@@ -160,7 +162,7 @@ def _model_capabilities(status: ModelStatus, queues: list[QueueStats]) -> ModelC
     )
 
 
-@router.get("/api/v1/capabilities", response_model=CapabilitiesResponse)
+@inference_router.get("/capabilities", response_model=CapabilitiesResponse)
 async def capabilities(engine: EngineDep) -> CapabilitiesResponse:
     """What this server runs on and with: device, dtype, runtime, batch sizes per queue, image
     decoder, backend libraries, torch and CUDA (GPU memory per device), and per loaded model its

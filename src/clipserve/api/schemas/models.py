@@ -14,6 +14,7 @@ class ModelSummary(BaseModel):
     model_name: str
     pretrained: str | None
     backend: str
+    task: str = Field(default="embed", description="embed | caption")
     description: str
     memory_gb: float | None
     avg_inference_time_ms: float | None

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipserve.models.base import Modality
+
 
 class GpuMemory(BaseModel):
     device: str
@@ -112,7 +114,7 @@ class WarmupRequest(BaseModel):
 
 
 class WarmupPass(BaseModel):
-    modality: Literal["text", "image"]
+    modality: Modality
     batch_size: int
     duration_ms: float
 
@@ -121,7 +123,7 @@ class ModelWarmup(BaseModel):
     model: str
     status: Literal["ok", "error"]
     device: str | None = None
-    modalities: list[Literal["text", "image"]] = Field(description="The queues warmed.")
+    modalities: list[Modality] = Field(description="The queues warmed.")
     passes: list[WarmupPass] = Field(description="Dummy forward passes run, in order.")
     duration_ms: float
     error: str | None = Field(default=None, description="Why this model failed to warm up.")
