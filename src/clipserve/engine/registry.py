@@ -16,18 +16,11 @@ Concurrency contract:
   up to a time limit and abandons (and reports) what is still running, such as a close queued
   behind a stuck forward pass;
 * when a handle is closed its metric series go too (unless the name is live again);
-* memory budget (``memory_budget_gb``, per device): a load reserves its spec's ``memory_gb`` on
-  its device synchronously, before its first await, so two loads at once cannot both pass the
-  check; the reservation is released however the load ends (in a ``finally``: loaded, when the
-  handle's real ``memory_bytes`` takes its place, failed, refused, cancelled or superseded). A
-  handle's memory counts until its close has run (a retired model still serving its last
-  requests, one being closed); a load that needs it may count on a model being closed (one load
-  per model) and waits for that close before it starts. With ``evict_idle`` the least recently
-  used idle models (no lease, empty queues: never one with requests in flight) are retired to
-  make room the same way; otherwise, or when that cannot make room, the load is refused with a
-  :class:`~clipserve.errors.MemoryBudgetError` (503), recorded as the entry's error but not held
-  for ``model_retry_interval_s``: the next request checks again. Remote models
-  (``openai-vision``, device ``remote``) take nothing.
+* memory budget (``memory_budget_gb``, per device, :mod:`clipserve.engine.memory_budget`): a
+  load reserves its estimate before its first await and releases it however it ends; with
+  ``evict_idle`` it may retire least recently used idle models (never one with requests in
+  flight) and waits for their closes; otherwise it is refused with a 503 that is not held for
+  ``model_retry_interval_s`` (the next request checks again).
 """
 
 from __future__ import annotations
@@ -41,17 +34,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from clipserve.config import Settings
 from clipserve.engine.executor import Executors, WorkerThreads
+from clipserve.engine.memory_budget import MemoryBudget
 from clipserve.errors import (
     ClipServeError,
     ConfigError,
     MemoryBudgetError,
-    MemoryUse,
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -81,11 +74,6 @@ _HANDOUT_ATTEMPTS = 3
 # Caption backends hold their spec's prompt and remote settings from the load on.
 _WEIGHTS_FIELDS = ("model_name", "pretrained", "backend", "device", "precision", "task")
 _LOAD_FIELDS = (*_WEIGHTS_FIELDS, "prompt", "base_url", "api_key", "timeout_s", "max_retries")
-
-_GB = 10**9
-"""``memory_gb`` and ``memory_budget_gb`` are decimal GB, as the specs' estimates are."""
-_REMOTE_DEVICE = "remote"
-"""``BackendInfo.device`` of a model served elsewhere (no device memory here)."""
 
 
 class BackendLoader(Protocol):
@@ -137,40 +125,6 @@ class _Entry:
     load_task: asyncio.Task[ModelHandle] | None = None
     load_time_s: float | None = None
     loaded_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Reservation:
-    """A load's claim on its device's memory budget until the handle's real size replaces it."""
-
-    device: str
-    nbytes: int
-    freeing: tuple[ModelHandle, ...] = ()
-    """Closing models whose memory this load counts on (it waits for their closes first); no
-    other load may count on them too."""
-
-
-def _estimate_bytes(spec: ModelSpec) -> int:
-    """What the spec says a load will take (0: no estimate, or a remote model)."""
-    if spec.backend == "openai-vision" or spec.memory_gb is None:
-        return 0
-    return int(spec.memory_gb * _GB)
-
-
-def _handle_bytes(handle: ModelHandle) -> int:
-    """What a loaded model takes: its measured size, else the spec's estimate."""
-    if handle.device == _REMOTE_DEVICE or handle.spec.backend == "openai-vision":
-        return 0
-    return handle.info.memory_bytes or _estimate_bytes(handle.spec)
-
-
-def _budget_device(device: str) -> str:
-    """The device a budget is kept for: ``cuda`` (the current device) is ``cuda:0``."""
-    return "cuda:0" if device == "cuda" else device
-
-
-def _queued(handle: ModelHandle) -> int:
-    return sum(queue.size for queue in handle.queues.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +181,7 @@ class ModelRegistry:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._config_stamp: tuple[int, int] | None = None
-        self._resident: dict[ModelHandle, None] = {}
-        """Every handle whose weights are not released yet (live, retired, closing), in load
-        order: what the memory budget counts."""
-        self._closing: dict[ModelHandle, asyncio.Task[None]] = {}
-        self._reservations: dict[_Entry, _Reservation] = {}
+        self._budget = MemoryBudget(settings, clock)
         self._reload_lock = asyncio.Lock()
         self.last_reload_at: float | None = None
         self.last_reload_error: str | None = None
@@ -341,7 +291,7 @@ class ModelRegistry:
         try:
             return await self._load_entry(entry)
         finally:  # however the load ends, its memory reservation goes (one load per entry)
-            self._reservations.pop(entry, None)
+            self._budget.release(entry)
 
     async def _load_entry(self, entry: _Entry) -> ModelHandle:
         spec = entry.spec
@@ -351,7 +301,8 @@ class ModelRegistry:
         try:
             device = resolve_device(spec.device or self._settings.device)
             dtype = resolve_dtype(device, spec.precision, self._settings.cuda_precision)
-            evicted = self._reserve(entry, device)  # synchronous: before the first await
+            # Synchronous: before the first await.
+            evicted = self._budget.reserve(entry, entry.name, spec, device, evict=self._evict)
             if evicted:  # their weights must be gone before these are loaded
                 await asyncio.wait(evicted)
             logger.info("loading model '%s' (%s) on %s", entry.name, spec.model_name, device)
@@ -390,9 +341,7 @@ class ModelRegistry:
         device = backend.info.device
         handle = ModelHandle(entry.name, spec, backend, self._executors.device(device), device)
         handle.last_used = self._clock()
-        self._resident[handle] = None  # its real size replaces the reservation, at once
-        self._reservations.pop(entry, None)
-        self._check_loaded_size(handle)
+        self._budget.loaded(entry, handle)
         if self._entries.get(entry.name) is not entry:  # replaced by a reload while loading
             handle.retired = True
             self._schedule_close(handle)
@@ -414,124 +363,9 @@ class ModelRegistry:
         logger.info("model '%s' loaded in %.2f s", entry.name, elapsed)
         return handle
 
-    # --- memory budget -------------------------------------------------------------------------
-
-    def _uses(self, device: str) -> list[tuple[MemoryUse, int, ModelHandle | None]]:
-        """What takes ``device``'s budget (bytes, and the handle unless a load in progress):
-        resident handles in load order, then loads in progress."""
-        uses: list[tuple[MemoryUse, int, ModelHandle | None]] = []
-        for handle in self._resident:
-            nbytes = _handle_bytes(handle)
-            if nbytes and _budget_device(handle.device) == device:
-                state: Literal["loaded", "unloading"] = "unloading" if handle.retired else "loaded"
-                use = MemoryUse(handle.name, nbytes / _GB, handle.leases, _queued(handle), state)
-                uses.append((use, nbytes, handle))
-        for entry, reserved in self._reservations.items():
-            if reserved.nbytes and reserved.device == device:
-                use = MemoryUse(entry.name, reserved.nbytes / _GB, state="loading")
-                uses.append((use, reserved.nbytes, None))
-        return uses
-
-    def _reserve(self, entry: _Entry, device: str) -> list[asyncio.Task[None]]:
-        """Reserve the spec's estimate on ``device`` or raise MemoryBudgetError. When it does not
-        fit, closing models nobody counts on yet, then (``evict_idle``) the least recently used
-        idle ones, make room: the close tasks the load must wait for are returned."""
-        budget_gb, need = self._settings.memory_budget_gb, _estimate_bytes(entry.spec)
-        if budget_gb is None or need == 0:
-            return []
-        key, limit = _budget_device(device), int(budget_gb * _GB)
-        uses = self._uses(key)
-        taken = sum(nbytes for _, nbytes, _ in uses)
-        freeing: list[ModelHandle] = []
-        if taken + need > limit and need <= limit:
-            claimed = {h for r in self._reservations.values() for h in r.freeing}
-            handles = [h for _, _, h in uses if h is not None and h not in claimed]
-            closing = [h for h in handles if h in self._closing]
-            idle = sorted((h for h in handles if self._idle(h)), key=lambda h: h.last_used)
-            freed = 0
-            for handle in closing + (idle if self._settings.evict_idle else []):
-                if taken - freed + need <= limit:
-                    break
-                freeing.append(handle)
-                freed += _handle_bytes(handle)
-            if taken - freed + need <= limit:
-                taken -= freed
-            else:
-                freeing = []  # it would not fit even so: unload nothing
-        if taken + need > limit:
-            raise self._refusal(entry.name, device, need, limit, taken, [u for u, _, _ in uses])
-        self._reservations[entry] = _Reservation(key, need, tuple(freeing))
-        now = self._clock()
-        for handle in freeing:
-            if handle.retired:
-                continue  # closing already
-            logger.info(
-                "evicting model '%s' (idle, last used %.0f s ago) to make room for '%s'",
-                handle.name,
-                now - handle.last_used,
-                entry.name,
-            )
-            self._retire(self._entries[handle.name])
-            self._publish_state(handle.name)
-        return [self._closing[h] for h in freeing if h in self._closing]
-
-    @staticmethod
-    def _idle(handle: ModelHandle) -> bool:
-        return not handle.retired and handle.leases == 0 and _queued(handle) == 0
-
-    def _refusal(
-        self, name: str, device: str, need: int, limit: int, taken: int, uses: list[MemoryUse]
-    ) -> MemoryBudgetError:
-        evict = self._settings.evict_idle
-        if need > limit:
-            hint, soon = "it does not fit even alone; raise memory_budget_gb", False
-        elif evict:
-            hint = "no idle model can make room; retry when requests finish, or raise the budget"
-            soon = True
-        else:
-            hint = "unload one, raise memory_budget_gb or set evict_idle"
-            soon = any(use.state != "loaded" for use in uses)  # a load or close may end soon
-        # Retry-After is a hint; a refusal is not held: the next request checks again.
-        return MemoryBudgetError(
-            name,
-            device=device,
-            needed_gb=need / _GB,
-            budget_gb=limit / _GB,
-            left_gb=max(0, limit - taken) / _GB,
-            loaded=uses,
-            hint=hint,
-            retry_after_s=1.0 if soon else self._settings.model_retry_interval_s,
-        )
-
-    def _check_loaded_size(self, handle: ModelHandle) -> None:
-        """Warn when the measured size breaks the budget (the model is kept: it is loaded)."""
-        budget_gb, nbytes = self._settings.memory_budget_gb, _handle_bytes(handle)
-        if budget_gb is None or nbytes == 0:
-            return
-        key, limit = _budget_device(handle.device), int(budget_gb * _GB)
-        freeing = {h for r in self._reservations.values() for h in r.freeing}
-        taken = sum(nbytes for _, nbytes, h in self._uses(key) if h not in freeing)
-        if nbytes > limit:
-            logger.warning(
-                "model '%s' takes %.2f GB on %s, more than the whole memory budget (%.2f GB); "
-                "it stays loaded, other loads there wait until it is unloaded",
-                handle.name,
-                nbytes / _GB,
-                key,
-                budget_gb,
-            )
-        elif taken > limit:
-            estimate = handle.spec.memory_gb
-            logger.warning(
-                "model '%s' takes %.2f GB on %s (%s): the models there now take %.2f GB of the "
-                "%.2f GB memory budget",
-                handle.name,
-                nbytes / _GB,
-                key,
-                "no memory_gb estimate" if estimate is None else f"estimated {estimate} GB",
-                taken / _GB,
-                budget_gb,
-            )
+    def _evict(self, name: str) -> None:
+        self._retire(self._entries[name])
+        self._publish_state(name)
 
     def _failed(self, entry: _Entry, reason: str) -> None:
         entry.state, entry.error, entry.failed_at = ModelState.ERROR, reason, self._clock()
@@ -556,14 +390,14 @@ class ModelRegistry:
     def _schedule_close(self, handle: ModelHandle) -> None:
         if not handle.closed:
             handle.closed = True
-            self._closing[handle] = self._spawn(self._close_handle(handle), f"close-{handle.name}")
+            task = self._spawn(self._close_handle(handle), f"close-{handle.name}")
+            self._budget.closing(handle, task)
 
     async def _close_handle(self, handle: ModelHandle) -> None:
         try:
             await self._release(handle)
-        finally:  # its memory is free now (or abandoned with a stuck device thread)
-            self._resident.pop(handle, None)
-            self._closing.pop(handle, None)
+        finally:
+            self._budget.closed(handle)
 
     async def _release(self, handle: ModelHandle) -> None:
         logger.info("unloading model '%s'", handle.name)

@@ -344,7 +344,9 @@ class UrlFetcher:
         status = response.status_code
         if status == 429 or status >= 500:
             raise _RetryableError(
-                f"HTTP {status} from {shown}", status=status, retry_after=_retry_after(response)
+                f"HTTP {status} from {shown}",
+                status=status,
+                retry_after=retry_after_header(response),
             )
         if not 200 <= status < 300:
             raise MediaFetchError(
@@ -494,10 +496,10 @@ class UrlFetcher:
     def _check_address(self, host: str, ip: IPAddress, *, literal: bool) -> None:
         """Refuse ``ip`` if it is in ``media.denied_networks``, or not public (unless
         ``allow_private_urls`` or ``media.allowed_networks`` allows it)."""
-        denied = _network_of(ip, self._denied_networks)
+        denied = network_of(ip, self._denied_networks)
         if denied is not None:
             raise _refused(host, ip, f"in media.denied_networks ({denied})", literal=literal)
-        if self._settings.allow_private_urls or _network_of(ip, self._allowed_networks):
+        if self._settings.allow_private_urls or network_of(ip, self._allowed_networks):
             return
         reason = blocked_reason(ip)
         if reason is not None:
@@ -561,7 +563,7 @@ def _host_matches(host: str, pattern: str) -> bool:
     return host.endswith(pattern[1:]) if pattern.startswith("*.") else host == pattern
 
 
-def _network_of(ip: IPAddress, networks: list[IPNetwork]) -> IPNetwork | None:
+def network_of(ip: IPAddress, networks: list[IPNetwork]) -> IPNetwork | None:
     """The first of ``networks`` holding ``ip`` or the IPv4 address it wraps."""
     candidates = {ip, embedded_ipv4(ip)}
     return next((net for net in networks if any(a in net for a in candidates)), None)
@@ -603,7 +605,8 @@ def _inflation(response: httpx.Response, shown: str) -> int | None:
     return _INFLATE_WBITS[layers[0]]
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after_header(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (a number or an HTTP date), or None."""
     value = response.headers.get("retry-after", "").strip()
     if not value:
         return None

@@ -56,10 +56,10 @@ from clipserve.errors import (
 from clipserve.media.fetch import (
     IPAddress,
     IPNetwork,
-    _network_of,
-    _retry_after,
     blocked_reason,
+    network_of,
     parse_ip_literal,
+    retry_after_header,
 )
 from clipserve.model_specs import ModelSpec
 from clipserve.models.base import (
@@ -319,7 +319,7 @@ class OpenAIVisionBackend(CaptionBackend):
         if status == 429 or status >= 500:
             what = " (rate limited)" if status == 429 else ""
             error = InferenceError(f"the remote captioner answered HTTP {status}{what}{reason}")
-            raise _RetryableError(error, retry_after=_retry_after(resp))
+            raise _RetryableError(error, retry_after=retry_after_header(resp))
         if status in _CREDENTIAL_STATUSES:
             raise InferenceError(
                 f"the remote captioner refused our credentials (HTTP {status}); check the "
@@ -476,10 +476,10 @@ def _check_host(host: str, port: int, media: MediaSettings, resolver: HostResolv
 def _refusal(
     ip: IPAddress, media: MediaSettings, allowed: list[IPNetwork], denied: list[IPNetwork]
 ) -> str | None:
-    network = _network_of(ip, denied)
+    network = network_of(ip, denied)
     if network is not None:
         return f"an address in media.denied_networks ({network})"
-    if media.allow_private_urls or _network_of(ip, allowed) is not None:
+    if media.allow_private_urls or network_of(ip, allowed) is not None:
         return None
     reason = blocked_reason(ip)
     if reason is None:

@@ -208,7 +208,7 @@ async def test_evict_idle_unloads_the_least_recently_used_idle_model(
     old = await registry.get("old")
     clock.now = 1020
     async with registry.use("busy"):  # a request in flight (its lease started at 1020)
-        with caplog.at_level(logging.INFO, logger="clipserve.engine.registry"):
+        with caplog.at_level(logging.INFO, logger="clipserve.engine.memory_budget"):
             await registry.get("new")
         # The least recently used, 'queued' (queued work) and 'busy' (in flight) are skipped.
         assert old.retired
@@ -392,7 +392,7 @@ async def test_a_model_without_an_estimate_loads_unchecked_and_then_counts(
     loader = SizedLoader({"sized-n": 1.2, "sized-a": 0.6})
     config = models(n=sized(None), a=sized(0.6))
     registry = registry_for(make_settings(config, memory_budget_gb=1.0, evict_idle=True), loader)
-    with caplog.at_level(logging.WARNING, logger="clipserve.engine.registry"):
+    with caplog.at_level(logging.WARNING, logger="clipserve.engine.memory_budget"):
         n = await registry.get("n")
     assert "model 'n' takes 1.20 GB on cpu, more than the whole memory budget (1.00 GB)" in (
         caplog.text
@@ -414,7 +414,7 @@ async def test_an_estimate_below_the_real_size_is_corrected_after_the_load(
     config = models(a=sized(0.5), b=sized(0.3), c=sized(0.2))
     registry = registry_for(make_settings(config, memory_budget_gb=1.0), loader)
     await registry.get("a")
-    with caplog.at_level(logging.WARNING, logger="clipserve.engine.registry"):
+    with caplog.at_level(logging.WARNING, logger="clipserve.engine.memory_budget"):
         await registry.get("b")  # said 0.3 GB, takes 0.7 GB
     assert "model 'b' takes 0.70 GB on cpu (estimated 0.3 GB)" in caplog.text
     with pytest.raises(MemoryBudgetError, match="'b' \\(0.7 GB, idle\\)"):
