@@ -132,14 +132,15 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_blip_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random transformers BLIP folders: ``caption`` (BlipForConditionalGeneration) and
-    ``vqa`` (BlipForQuestionAnswering)."""
-    from clipserve.testing.tiny import build_tiny_blip
+    """Tiny random transformers BLIP folders: ``caption`` (BlipForConditionalGeneration),
+    ``vqa`` (BlipForQuestionAnswering) and ``blip2`` (Blip2ForConditionalGeneration)."""
+    from clipserve.testing.tiny import build_tiny_blip, build_tiny_blip2
 
     root = tmp_path_factory.mktemp("tiny-blip")
     return {
         "caption": build_tiny_blip(root / "caption", seed=4),
         "vqa": build_tiny_blip(root / "vqa", seed=5, vqa=True),
+        "blip2": build_tiny_blip2(root / "blip2", seed=6),
     }
 
 

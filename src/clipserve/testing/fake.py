@@ -134,8 +134,18 @@ class FakeCaptionBackend(CaptionBackend):
     """A deterministic fake generative model (captions and answers): each text names the
     image's mean colour, so equal images give equal captions; records every batch's size."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        *,
+        fail_prompts: frozenset[str] = frozenset(),
+        before_generate: Callable[[int], None] | None = None,
+    ) -> None:
         self._device = device
+        self.fail_prompts = fail_prompts
+        """Prompts whose batch raises RuntimeError (a model failure the batcher must isolate)."""
+        self.before_generate = before_generate
+        """Called on the device thread before each batch, with its size (to hold it)."""
         self.batches: list[int] = []
         self.closed = False
 
@@ -158,6 +168,10 @@ class FakeCaptionBackend(CaptionBackend):
         return torch.from_numpy(np.asarray(thumb, dtype=np.float32).transpose(2, 0, 1).copy())
 
     def generate(self, inputs: Sequence[CaptionInput]) -> list[str | FailedGeneration]:
+        if self.before_generate is not None:
+            self.before_generate(len(inputs))
+        if any(item.prompt in self.fail_prompts for item in inputs):
+            raise RuntimeError("simulated model failure")
         self.batches.append(len(inputs))
         out: list[str | FailedGeneration] = []
         for item in inputs:
@@ -214,9 +228,12 @@ class FakeLoader:
         fallback: Callable[..., Backend] | None = None,
         *,
         before_load: Callable[[ModelSpec], None] | None = None,
+        caption: FakeCaptionBackend | None = None,
         **backend_options: object,
     ) -> None:
         self.fallback = fallback
+        self.caption = caption
+        """What ``task: caption`` specs load (default: a new :class:`FakeCaptionBackend`)."""
         self.before_load = before_load
         """Called on the loading thread first (e.g. to hold a load on an event)."""
         self.backend_options = backend_options
@@ -236,7 +253,7 @@ class FakeLoader:
         if spec.model_name == "fake-broken":
             raise ModelLoadError("simulated load failure: weights not found")
         if spec.task == "caption":
-            return FakeCaptionBackend()
+            return self.caption or FakeCaptionBackend()
         modalities: frozenset[Modality] = (
             frozenset({"text"}) if spec.model_name == "fake-text" else frozenset({"text", "image"})
         )

@@ -7,7 +7,8 @@ every backend offline in a second or two:
 * :func:`build_tiny_hf_clip` and :func:`build_tiny_hf_siglip` write transformers folders that
   ``CLIPModel`` / ``SiglipModel`` and ``AutoProcessor.from_pretrained(folder)`` load;
 * :func:`build_tiny_blip` writes a transformers BLIP folder (captioning, or question answering)
-  that ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` and its processor load;
+  that ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` and its processor load,
+  and :func:`build_tiny_blip2` a BLIP-2 (OPT) one for ``Blip2ForConditionalGeneration``;
 * :func:`convert_open_clip_to_hf_clip` turns an open_clip CLIP folder into an equivalent
   transformers folder (same weights, same tokenizer ids), for parity checks between libraries.
 
@@ -29,6 +30,7 @@ import torch
 
 __all__ = [
     "build_tiny_blip",
+    "build_tiny_blip2",
     "build_tiny_hf_clip",
     "build_tiny_hf_siglip",
     "build_tiny_open_clip",
@@ -415,7 +417,6 @@ def build_tiny_blip(
     (ViT-B/16 at 384 px, a 12-layer BERT decoder, a 30,524-token vocabulary padded with made-up
     words), random weights, for benchmarks. Returns ``path``."""
     from transformers import (
-        BertTokenizer,
         BlipConfig,
         BlipForConditionalGeneration,
         BlipForQuestionAnswering,
@@ -423,17 +424,7 @@ def build_tiny_blip(
         BlipProcessor,
     )
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pieces = [*_BLIP_CHARS, *("##" + c for c in _BLIP_CHARS)]
-    words = specials + list(dict.fromkeys([*_BLIP_WORDS.split(), *pieces]))
-    if size == "base":  # BLIP base's vocabulary size, with [DEC] added below
-        words += [f"w{i}" for i in range(30523 - len(words))]
-    tokenizer = BertTokenizer(
-        vocab={word: index for index, word in enumerate(words)},
-        do_lower_case=True,
-        model_max_length=64,
-    )
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer = _blip_tokenizer(30524 if size == "base" else None)
     if size == "base":
         config = BlipConfig(
             text_config={
@@ -455,6 +446,77 @@ def build_tiny_blip(
         image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,
     )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+def _blip_tokenizer(vocab_size: int | None = None) -> Any:
+    """A word-piece ``BertTokenizer`` of caption words and characters plus BLIP's ``[DEC]``
+    start token; ``vocab_size``: padded with made-up words to that many tokens."""
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = [*_BLIP_CHARS, *("##" + c for c in _BLIP_CHARS)]
+    words = specials + list(dict.fromkeys([*_BLIP_WORDS.split(), *pieces]))
+    if vocab_size is not None:  # [DEC] is added below
+        words += [f"w{i}" for i in range(vocab_size - 1 - len(words))]
+    tokenizer = BertTokenizer(
+        vocab={word: index for index, word in enumerate(words)},
+        do_lower_case=True,
+        model_max_length=64,
+    )
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def build_tiny_blip2(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random transformers BLIP-2 folder (``Blip2ForConditionalGeneration`` with a
+    2-layer OPT, 4 query tokens, and a ``Blip2Processor``: 32 px images, the tiny BLIP's
+    tokenizer with ``<image>`` added). Weights drawn wide (std 0.3), as for the tiny BLIP.
+    Returns ``path``."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+    )
+
+    tokenizer = _blip_tokenizer()
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )  # adds the <image> token to the tokenizer
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    config = Blip2Config(
+        vision_config={**small, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        qformer_config={
+            **small,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 32,
+            "vocab_size": len(tokenizer),
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "word_embed_proj_dim": 32,
+            "init_std": 0.3,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    with _seeded(seed):
+        model = Blip2ForConditionalGeneration(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     processor.save_pretrained(str(path))

@@ -203,3 +203,67 @@ async def test_remote_base_url_on_loopback_is_refused_by_default(
         with pytest.raises(ModelUnavailableError, match="loopback"):
             await engine.caption("remote", [_image(0)])
     assert fake_openai.requests == []
+
+
+# --- BLIP-2 --------------------------------------------------------------------------------------
+
+
+async def test_blip2_captions_and_answers(
+    make_settings: Callable[..., Any], tiny_blip_dirs: dict[str, Path]
+) -> None:
+    spec = {"model_name": str(tiny_blip_dirs["blip2"]), "backend": "hf", "task": "caption"}
+    async with Engine(make_settings({"blip2": spec})) as engine:
+        images = [_image(i) for i in range(3)]
+        batched = await engine.caption("blip2", images, max_new_tokens=8)
+        alone = [
+            (await engine.caption("blip2", [im], max_new_tokens=8)).captions[0] for im in images
+        ]
+        assert [c.caption for c in batched.captions] == [c.caption for c in alone]
+        prompted = await engine.caption("blip2", images[:1], prompt="a photo of", max_new_tokens=4)
+        assert prompted.captions[0].caption.startswith("a photo of")
+        answer = await engine.answer("blip2", images[0], "what is this?", max_new_tokens=4)
+        assert answer.answer
+        assert "what is this" not in answer.answer  # the question is not echoed
+        status = engine.registry.status("blip2")
+        assert status.info is not None
+        assert status.info.modalities == {"caption", "answer"}
+
+
+# --- the engine's contracts, with the fake caption backend ---------------------------------------
+
+
+async def test_a_stuck_batch_answers_each_caption_at_its_deadline(
+    make_settings: Callable[..., Any],
+) -> None:
+    import threading
+
+    from clipserve.errors import InferenceTimeoutError
+    from clipserve.testing import FakeCaptionBackend, FakeLoader
+
+    release = threading.Event()
+    backend = FakeCaptionBackend(before_generate=lambda n: release.wait(10))
+    settings = make_settings(batching={"request_timeout": 0.3})
+    engine = Engine(settings, loader=FakeLoader(caption=backend))
+    try:
+        result = await engine.caption("blip", [_image(0), _image(1)])
+        assert all(isinstance(c.error, InferenceTimeoutError) for c in result.captions)
+    finally:
+        release.set()
+        await engine.close()
+
+
+async def test_a_failing_batch_is_split_so_other_requests_get_their_captions(
+    make_settings: Callable[..., Any],
+) -> None:
+    from clipserve.testing import FakeCaptionBackend, FakeLoader
+
+    backend = FakeCaptionBackend(fail_prompts=frozenset({"poison"}))
+    async with Engine(make_settings(), loader=FakeLoader(caption=backend)) as engine:
+        good, bad = await asyncio.gather(
+            engine.caption("blip", [_image(0), _image(1)]),
+            engine.caption("blip", [_image(2)], prompt="poison"),
+        )
+    assert all(c.caption and c.caption.startswith("a picture of colour") for c in good.captions)
+    (failed,) = bad.captions
+    assert failed.error is not None
+    assert failed.error.message == "inference failed for model 'blip' (caption): RuntimeError"
