@@ -145,6 +145,16 @@ def tiny_blip_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_caption_registry(tiny_blip_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Registry entries for the tiny BLIP models: ``blip`` (captions), ``vqa`` (answers) and
+    ``blip2`` (both)."""
+    return {
+        name: {"model_name": str(tiny_blip_dirs[folder]), "backend": "hf", "task": "caption"}
+        for name, folder in (("blip", "caption"), ("vqa", "vqa"), ("blip2", "blip2"))
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_registry(tiny_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Registry entries for the tiny real models (real loaders, random weights)."""
     return {

@@ -667,13 +667,13 @@ async def test_remote_timeouts_fail_rows_and_refused_connections_end_the_job(
 @pytest.fixture
 def caption_settings(
     make_settings: Callable[..., Settings],
-    tiny_blip_dirs: dict[str, Path],
+    tiny_caption_registry: dict[str, dict[str, Any]],
     tiny_registry: dict[str, dict[str, Any]],
 ) -> Settings:
     models = {
         "tiny": tiny_registry["tiny"],
         "tiny-hf": tiny_registry["tiny-hf"],
-        "blip": {"model_name": str(tiny_blip_dirs["caption"]), "backend": "hf", "task": "caption"},
+        "blip": tiny_caption_registry["blip"],
     }
     return make_settings(models, default_model="tiny")
 

@@ -303,21 +303,8 @@ class Encoder:
         cache = self._cache if scope.cache else None
         preprocess = handle.spec.preprocess  # the same for the key and the decode
 
-        async def prepare(value: ImageInput | EncodedImage) -> torch.Tensor:
-            started = time.perf_counter()
-            with self._tracing.span("fetch, decode, preprocess"):
-                loaded = await self._images.load(
-                    value,
-                    handle.backend.preprocess,
-                    window=scope.pixels,
-                    timeout=scope.deadline - asyncio.get_running_loop().time(),
-                    draft=handle.info.image_size if preprocess == "fast" else None,
-                )
-            elapsed = time.perf_counter() - started
-            if isinstance(value, EncodedImage):  # read before: count its read too
-                elapsed += value.read_seconds
-            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(elapsed)
-            return loaded.image
+        draft = handle.info.image_size if preprocess == "fast" else None
+        prepare = partial(self._prepare, handle, scope=scope, draft=draft)
 
         async def encode(value: ImageInput) -> torch.Tensor:
             if cache is None or isinstance(value, Image.Image):  # PIL images have no bytes
@@ -353,20 +340,35 @@ class Encoder:
         queue: BatchQueue[CaptionInput, str] = handle.queues[task]
 
         async def caption(value: ImageInput) -> str:
-            started = time.perf_counter()
-            with self._tracing.span("fetch, decode, preprocess"):
-                loaded = await self._images.load(
-                    value,
-                    handle.backend.preprocess,
-                    window=scope.pixels,
-                    timeout=scope.deadline - asyncio.get_running_loop().time(),
-                )
-            self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(
-                time.perf_counter() - started
-            )
-            return await _submit(queue, CaptionInput(loaded.image, task, prompt, options), scope)
+            pixels = await self._prepare(handle, value, scope=scope)
+            return await _submit(queue, CaptionInput(pixels, task, prompt, options), scope)
 
         return await _through(queue, unique, caption, scope)
+
+    async def _prepare(
+        self,
+        handle: ModelHandle,
+        value: ImageInput | EncodedImage,
+        *,
+        scope: Scope,
+        draft: int | None = None,
+    ) -> torch.Tensor:
+        """Fetch (unless read already), decode and preprocess one image for ``handle``, within
+        the request's pixel window and deadline; the time is observed per source."""
+        started = time.perf_counter()
+        with self._tracing.span("fetch, decode, preprocess"):
+            loaded = await self._images.load(
+                value,
+                handle.backend.preprocess,
+                window=scope.pixels,
+                timeout=scope.deadline - asyncio.get_running_loop().time(),
+                draft=draft,
+            )
+        elapsed = time.perf_counter() - started
+        if isinstance(value, EncodedImage):  # read before: count its read too
+            elapsed += value.read_seconds
+        self._metrics.image_processing_time_seconds.labels(loaded.source.value).observe(elapsed)
+        return loaded.image
 
 
 def _generator(backend: Backend) -> Callable[[list[CaptionInput]], list[str | FailedItem]]:

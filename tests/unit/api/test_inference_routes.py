@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,19 +24,11 @@ def _data_uri(seed: int) -> str:
 @pytest.fixture
 def settings_for(
     make_settings: Callable[..., Any],
-    tiny_blip_dirs: dict[str, Path],
+    tiny_caption_registry: dict[str, dict[str, Any]],
     tiny_registry: dict[str, dict[str, Any]],
 ) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
-        models = {
-            "tiny": tiny_registry["tiny"],
-            "blip": {
-                "model_name": str(tiny_blip_dirs["caption"]),
-                "backend": "hf",
-                "task": "caption",
-            },
-            "vqa": {"model_name": str(tiny_blip_dirs["vqa"]), "backend": "hf", "task": "caption"},
-        }
+        models = {"tiny": tiny_registry["tiny"], **tiny_caption_registry}
         return make_settings(models, default_model="tiny", **overrides)
 
     return make

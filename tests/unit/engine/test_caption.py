@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,24 +22,11 @@ def _image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
 @pytest.fixture
 def blip_settings(
     make_settings: Callable[..., Any],
-    tiny_blip_dirs: dict[str, Path],
+    tiny_caption_registry: dict[str, dict[str, Any]],
     tiny_registry: dict[str, dict[str, Any]],
 ) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
-        models = {
-            "tiny": tiny_registry["tiny"],
-            "blip": {
-                "model_name": str(tiny_blip_dirs["caption"]),
-                "backend": "hf",
-                "task": "caption",
-            },
-            "blip-vqa": {
-                "model_name": str(tiny_blip_dirs["vqa"]),
-                "backend": "hf",
-                "task": "caption",
-            },
-        }
-        return make_settings(models, **overrides)
+        return make_settings({"tiny": tiny_registry["tiny"], **tiny_caption_registry}, **overrides)
 
     return make
 
@@ -114,13 +100,13 @@ async def test_options_out_of_bounds_are_refused(
 
 
 async def test_answers_need_a_vqa_model(engine: Engine) -> None:
-    answer = await engine.answer("blip-vqa", _image(0), "what is this?", max_new_tokens=4)
-    assert answer.model == "blip-vqa"
+    answer = await engine.answer("vqa", _image(0), "what is this?", max_new_tokens=4)
+    assert answer.model == "vqa"
     assert answer.answer
     with pytest.raises(UnsupportedModalityError, match="cannot answer questions about images"):
         await engine.answer("blip", _image(0), "what is this?")
     with pytest.raises(UnsupportedModalityError, match="cannot caption images"):
-        await engine.caption("blip-vqa", [_image(0)])
+        await engine.caption("vqa", [_image(0)])
     with pytest.raises(UnsupportedModalityError, match="cannot caption images"):
         await engine.caption("tiny", [_image(0)])
 
@@ -208,25 +194,19 @@ async def test_remote_base_url_on_loopback_is_refused_by_default(
 # --- BLIP-2 --------------------------------------------------------------------------------------
 
 
-async def test_blip2_captions_and_answers(
-    make_settings: Callable[..., Any], tiny_blip_dirs: dict[str, Path]
-) -> None:
-    spec = {"model_name": str(tiny_blip_dirs["blip2"]), "backend": "hf", "task": "caption"}
-    async with Engine(make_settings({"blip2": spec})) as engine:
-        images = [_image(i) for i in range(3)]
-        batched = await engine.caption("blip2", images, max_new_tokens=8)
-        alone = [
-            (await engine.caption("blip2", [im], max_new_tokens=8)).captions[0] for im in images
-        ]
-        assert [c.caption for c in batched.captions] == [c.caption for c in alone]
-        prompted = await engine.caption("blip2", images[:1], prompt="a photo of", max_new_tokens=4)
-        assert prompted.captions[0].caption.startswith("a photo of")
-        answer = await engine.answer("blip2", images[0], "what is this?", max_new_tokens=4)
-        assert answer.answer
-        assert "what is this" not in answer.answer  # the question is not echoed
-        status = engine.registry.status("blip2")
-        assert status.info is not None
-        assert status.info.modalities == {"caption", "answer"}
+async def test_blip2_captions_and_answers(engine: Engine) -> None:
+    images = [_image(i) for i in range(3)]
+    batched = await engine.caption("blip2", images, max_new_tokens=8)
+    alone = [(await engine.caption("blip2", [im], max_new_tokens=8)).captions[0] for im in images]
+    assert [c.caption for c in batched.captions] == [c.caption for c in alone]
+    prompted = await engine.caption("blip2", images[:1], prompt="a photo of", max_new_tokens=4)
+    assert prompted.captions[0].caption.startswith("a photo of")
+    answer = await engine.answer("blip2", images[0], "what is this?", max_new_tokens=4)
+    assert answer.answer
+    assert "what is this" not in answer.answer  # the question is not echoed
+    status = engine.registry.status("blip2")
+    assert status.info is not None
+    assert status.info.modalities == {"caption", "answer"}
 
 
 # --- the engine's contracts, with the fake caption backend ---------------------------------------
