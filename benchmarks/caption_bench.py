@@ -15,6 +15,7 @@ It prints one markdown table, in one run:
 * ``engine``: ``Engine.caption`` on PIL images: one request of ``n`` images (the seed's "batch
   of 25"), and ``n`` concurrent one-image requests (the dynamic batcher groups them), with the
   ratio of its captions/s to the raw model's at the same batch size;
+* the best batch (captions/s through the engine) against batch 1;
 * the mean number of tokens generated per caption (a random model may stop early: compare rows
   of equal length only), and the seed's target beside the 25-image batch (< 15 s; set on a GPU).
 """
@@ -157,6 +158,12 @@ def main() -> None:
             f"| {n} | {tokens:.1f} | {n / raw_s:.2f} | {n / one_s:.2f} ({one_s:.2f} s) "
             f"| {n / many_s:.2f} | {raw_s / one_s:.2f} | {target} |"
         )
+    best = max(batches, key=lambda n: n / served[n][0])
+    rate, single = best / served[best][0], 1 / served[batches[0]][0]
+    print(
+        f"\nbest: batch {best}, {rate:.2f} captions/s through the engine "
+        f"({rate / single:.1f}x batch {batches[0]}'s {single:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from clipserve.api.routes import (
     jobs,
     models,
     rank,
+    score,
     system,
 )
 from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
@@ -113,6 +114,7 @@ def create_app(
     errors, openai_errors = error_responses(ErrorResponse), error_responses(OpenAIErrorResponse)
     routers = (
         evaluation.router,
+        score.router,
         embeddings.router,
         # Multipart routes first: they match only multipart bodies, JSON falls through to the next.
         rank.upload_router,

@@ -21,6 +21,7 @@ from clipserve.engine.tasks.embed import Content, Embedding, Embeddings, Where
 from clipserve.engine.tasks.evaluate import EvalItem, EvalResult, Evaluation, ProgressCallback
 from clipserve.engine.tasks.job_chunks import JobChunks
 from clipserve.engine.tasks.retrieve import Classification, Ranking, Retrieval
+from clipserve.engine.tasks.score import ScoreMatrices, ScoreMatrix
 from clipserve.engine.tasks.search import Collections
 from clipserve.errors import InvalidInputError
 from clipserve.media import ImageInput
@@ -45,6 +46,7 @@ class Engine(EngineCore):
         self.jobs = Jobs(settings.jobs, JobChunks(self, self._embedding, self._evaluation))
         self.collections = Collections(self, self._embedding, settings.collections)
         self.captioning = Captioning(self)
+        self._score_matrix = ScoreMatrix(self, self._embedding)
 
     async def profile(
         self, model: str | None, modality: Modality, *, batch_size: int, passes: int
@@ -155,6 +157,22 @@ class Engine(EngineCore):
         """Per image, labels by probability (softmax for CLIP, sigmoid for SigLIP), or its
         error."""
         return await self.retrieval.classify(model, images, labels, template, client=client)
+
+    async def score(
+        self,
+        model: str | None,
+        images: Sequence[ImageInput],
+        texts: Sequence[str],
+        *,
+        self_similarity: bool = False,
+        client: str | None = None,
+    ) -> ScoreMatrices:
+        """Every image against every text (CLIP scores), and images x images or texts x texts
+        cosines (without the other side, or with ``self_similarity``); failed inputs carry their
+        error and their cells are None."""
+        return await self._score_matrix.run(
+            model, images, texts, self_similarity=self_similarity, client=client
+        )
 
     async def caption(
         self,

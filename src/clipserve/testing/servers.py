@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def clipserve_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: its workers are stopped with it
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -119,3 +122,6 @@ def clipserve_process(
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
+        # Worker processes (--workers N) outlive a killed supervisor: kill its group too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
