@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/evaluator/health", "/evaluator/metrics"})
 """Probes and metrics: open without a key (and never rate limited) when ``public_health``."""
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+UI_PREFIX = "/ui"
+"""The playground's static page (``/ui``, ``/ui/...``): open, since its key is typed into it."""
 _FILE_CHECK_INTERVAL_S = 2.0
 
 Kind = Literal["requests", "items"]
@@ -226,7 +228,9 @@ class Security:
         self._trusted_proxies = rate_limit.trusted_proxies
 
     def is_open(self, path: str) -> bool:
-        return path in DOCS_PATHS or (self.auth.public_health and path in OPEN_PATHS)
+        if path in DOCS_PATHS or path == UI_PREFIX or path.startswith(UI_PREFIX + "/"):
+            return True
+        return self.auth.public_health and path in OPEN_PATHS
 
     def caller(self, request: Request) -> str:
         if self.keys.enabled:
