@@ -155,8 +155,9 @@ def dummy_forward(backend: Backend, modality: Modality) -> Callable[[int], objec
     if modality == "image":
         size = backend.info.image_size or 224
 
-        def images(n: int) -> object:
-            return backend.encode_images(torch.zeros(n, 3, size, size))
+        def images(n: int) -> object:  # the backend's own input for a blank image (any layout)
+            pixels = backend.preprocess(Image.new("RGB", (size, size)))
+            return backend.encode_images(torch.stack([pixels] * n))
 
         return images
 

@@ -1,10 +1,18 @@
-"""transformers ``CLIPModel`` and ``SiglipModel`` behind the :class:`~clipserve.models.base.Backend`
-protocol, loaded from a Hub id or a local directory with their own processor.
+"""transformers ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` behind the
+:class:`~clipserve.models.base.Backend` protocol, loaded from a Hub id or a local directory with
+their own processor.
 
 transformers 5 notes: ``get_image_features``/``get_text_features`` return a ``ModelOutput`` whose
 ``pooler_output`` is the projected embedding (older versions return the tensor itself; both work).
 SigLIP text must be padded to ``max_length`` (the model pools the last position) and is encoded
 without an attention mask, as SigLIP was trained (pad == eos, no masking).
+
+SigLIP 2 comes two ways: the fixed-resolution checkpoints are ``model_type: siglip`` (loaded as
+SigLIP), and NaFlex ones (``siglip2``) cut each image into patches at its own aspect ratio, padded
+to the processor's ``max_num_patches``, with an attention mask and the patch grid; every image of
+a model thus has the same sequence length (the pad is bounded by ``max_num_patches``), so its
+batches need no grouping. Their text is padded to ``max_length`` (64) and sent with the attention
+mask, as the processor gives it (the reference path the parity tests compare with).
 
 Images are preprocessed by :class:`~clipserve.models.hf_preprocessing.NumpyImageProcessor`, which
 reproduces the model's own image processor exactly with PIL and numpy, so no torch operator runs
@@ -14,8 +22,9 @@ transformers processor (with a warning at load).
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,7 +33,7 @@ from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
-from clipserve.models.hf_preprocessing import image_pipeline
+from clipserve.models.hf_preprocessing import image_pipeline, to_rgb
 from clipserve.models.loader import (
     describe_model,
     dtype_name,
@@ -38,7 +47,12 @@ from clipserve.models.quantize import (
     quantize_linear_layers,
 )
 
-HfArchitecture = Literal["clip", "siglip"]
+HfArchitecture = Literal["clip", "siglip", "siglip2"]
+_SIGMOID: frozenset[HfArchitecture] = frozenset({"siglip", "siglip2"})
+_NAFLEX_EXTRA = 3
+"""SigLIP 2 NaFlex images travel as one tensor per image: its patch rows (``max_num_patches`` x
+patch values), each followed by its attention mask bit and the image's patch grid (rows,
+columns), so they stack like fixed-size images."""
 _MODALITIES: frozenset[Modality] = frozenset({"text", "image"})
 
 
@@ -50,6 +64,29 @@ def _embedding(output: Any) -> torch.Tensor:
     if not isinstance(pooled, torch.Tensor):
         raise TypeError(f"unexpected output of get_*_features: {type(output).__name__}")
     return pooled
+
+
+def _naflex_pipeline(image_processor: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """SigLIP 2 NaFlex preprocessing (transformers' own processor: patches of the image at its
+    aspect ratio, padded to ``max_num_patches``), packed into one tensor (see
+    :data:`_NAFLEX_EXTRA`)."""
+
+    def naflex(image: Image.Image) -> torch.Tensor:
+        out = image_processor(images=[to_rgb(image)], return_tensors="pt")
+        patches = out["pixel_values"][0].float()
+        mask = out["pixel_attention_mask"][0].float().unsqueeze(-1)
+        grid = out["spatial_shapes"][0].float().expand(patches.shape[0], 2)
+        return torch.cat([patches, mask, grid], dim=-1)
+
+    return naflex
+
+
+def _unpack_naflex(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": packed[..., :-_NAFLEX_EXTRA],
+        "pixel_attention_mask": packed[..., -_NAFLEX_EXTRA].long(),
+        "spatial_shapes": packed[:, 0, -2:].long(),
+    }
 
 
 class HfClipBackend:
@@ -67,7 +104,10 @@ class HfClipBackend:
         name: str,
     ) -> None:
         self._model: Any = model.eval()
-        self._preprocess_image, preprocessing = image_pipeline(image_processor, name)
+        if architecture == "siglip2":
+            self._preprocess_image, preprocessing = _naflex_pipeline(image_processor), "naflex"
+        else:
+            self._preprocess_image, preprocessing = image_pipeline(image_processor, name)
         self._tokenizer = tokenizer
         self._tokenizer_lock = threading.Lock()
         self._architecture: HfArchitecture = architecture
@@ -76,12 +116,17 @@ class HfClipBackend:
         config = model.config
         self._context_length = int(config.text_config.max_position_embeddings)
         self._logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
-        bias = getattr(model, "logit_bias", None) if architecture == "siglip" else None
+        bias = getattr(model, "logit_bias", None) if architecture in _SIGMOID else None
         self._logit_bias = None if bias is None else float(bias.detach().float().reshape(-1)[0])
+        vision = config.vision_config
         if architecture == "clip":
             embed_dim = int(config.projection_dim)
         else:
-            embed_dim = int(config.vision_config.hidden_size)
+            embed_dim = int(vision.hidden_size)
+        if architecture == "siglip2":  # the side of the square image that fills its patches
+            image_size = math.isqrt(int(vision.num_patches)) * int(vision.patch_size)
+        else:
+            image_size = int(vision.image_size)
         params, memory = module_footprint(model)
         self._info = BackendInfo(
             backend="hf",
@@ -91,7 +136,7 @@ class HfClipBackend:
             modalities=_MODALITIES,
             device=str(self._device),
             dtype=dtype_name(dtype),
-            image_size=int(config.vision_config.image_size),
+            image_size=image_size,
             parameter_count=params,
             memory_bytes=memory,
             extra={
@@ -110,7 +155,7 @@ class HfClipBackend:
         layers (CPU only: the loader's ``resolve_dtype`` sees to that). Library errors propagate
         (the loader explains them); unsupported model types and incomplete processors raise
         ``ModelLoadError`` (naming the source by kind, not by path)."""
-        from transformers import AutoConfig, AutoProcessor, CLIPModel, SiglipModel
+        from transformers import AutoConfig, AutoProcessor, CLIPModel, Siglip2Model, SiglipModel
 
         config = AutoConfig.from_pretrained(model_name)
         model_type = str(getattr(config, "model_type", ""))
@@ -119,18 +164,13 @@ class HfClipBackend:
             architecture, model_cls = "clip", CLIPModel
         elif model_type == "siglip":
             architecture, model_cls = "siglip", SiglipModel
-        elif model_type == "siglip2":
-            raise ModelLoadError(
-                f"{describe_model('hf', model_name)} is a SigLIP 2 model (model_type 'siglip2'), "
-                "which the hf backend does not support yet (its NaFlex preprocessing yields patch "
-                "sequences, not fixed-size images); use a SigLIP 2 model through open_clip "
-                "('hf-hub:timm/...') instead",
-                technical=f"model_type 'siglip2' in the config of {model_name!r}",
-            )
+        elif model_type == "siglip2":  # NaFlex; fixed-resolution SigLIP 2 is model_type 'siglip'
+            architecture, model_cls = "siglip2", Siglip2Model
         else:
             raise ModelLoadError(
                 f"{describe_model('hf', model_name)} has model_type '{model_type}'; the hf "
-                "backend supports 'clip' and 'siglip' (use backend 'sentence-transformers' for "
+                "backend supports 'clip', 'siglip' and 'siglip2' (use backend "
+                "'sentence-transformers' for "
                 "text-only models)",
                 technical=f"model_type {model_type!r} in the config of {model_name!r}",
             )
@@ -178,7 +218,7 @@ class HfClipBackend:
         if not texts:
             empty = torch.zeros((0, self._context_length), dtype=torch.long)
             return TokenizedTexts(inputs={"input_ids": empty}, token_counts=(), truncated=())
-        padding = "max_length" if self._architecture == "siglip" else "longest"
+        padding = "max_length" if self._architecture in _SIGMOID else "longest"
         with self._tokenizer_lock:  # fast tokenizers keep truncation/padding state per call
             encoded = self._tokenizer(
                 texts,
@@ -200,10 +240,13 @@ class HfClipBackend:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[0] == 0:
             return torch.zeros((0, self._info.embed_dim))
+        if self._architecture == "siglip2":
+            inputs = {k: v.to(self._device) for k, v in _unpack_naflex(pixels).items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
+        else:
+            inputs = {"pixel_values": pixels.to(self._device, self._dtype)}
         with torch.inference_mode():
-            output = self._live_model().get_image_features(
-                pixel_values=pixels.to(self._device, self._dtype)
-            )
+            output = self._live_model().get_image_features(**inputs)
             return normalize(_embedding(output).float(), dim=-1).cpu()
 
     def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:

@@ -4,8 +4,9 @@ They load through the same code paths as real checkpoints, so tests (ours and yo
 every backend offline in a second or two:
 
 * :func:`build_tiny_open_clip` writes an open_clip ``local-dir:`` folder;
-* :func:`build_tiny_hf_clip` and :func:`build_tiny_hf_siglip` write transformers folders that
-  ``CLIPModel`` / ``SiglipModel`` and ``AutoProcessor.from_pretrained(folder)`` load;
+* :func:`build_tiny_hf_clip`, :func:`build_tiny_hf_siglip` and :func:`build_tiny_hf_siglip2`
+  write transformers folders that ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (NaFlex)
+  and ``AutoProcessor.from_pretrained(folder)`` load;
 * :func:`build_tiny_blip` writes a transformers BLIP folder (captioning, or question answering)
   that ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` and its processor load,
   and :func:`build_tiny_blip2` a BLIP-2 (OPT) one for ``Blip2ForConditionalGeneration``;
@@ -33,6 +34,7 @@ __all__ = [
     "build_tiny_blip2",
     "build_tiny_hf_clip",
     "build_tiny_hf_siglip",
+    "build_tiny_hf_siglip2",
     "build_tiny_open_clip",
     "clip_bpe_tokenizer",
     "convert_open_clip_to_hf_clip",
@@ -312,6 +314,59 @@ def build_tiny_hf_siglip(path: Path, *, seed: int = 0) -> Path:
     )
     model.save_pretrained(str(path))
     SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(path))
+    return path
+
+
+def build_tiny_hf_siglip2(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random transformers SigLIP 2 NaFlex folder: ``Siglip2Model`` (hidden 64, 2
+    layers per tower, patch 16, a 4 x 4 position grid), a ``Siglip2ImageProcessor`` of at most
+    256 patches (the processor's default) and a character-level ``Siglip2Tokenizer`` (a BPE
+    vocabulary of the corpus' characters with byte fallback, lower-cased as Gemma's is), text
+    context 64. Returns ``path``."""
+    from transformers import (
+        Siglip2Config,
+        Siglip2ImageProcessor,
+        Siglip2Model,
+        Siglip2Processor,
+        Siglip2Tokenizer,
+    )
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    characters = sorted({c for line in _SIGLIP_CORPUS for c in line.lower().replace(" ", "▁")})
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {token: i for i, token in enumerate([*specials, *characters, *bytes_])}
+    tokenizer = Siglip2Tokenizer(vocab=vocab, merges=[], model_max_length=64)
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+    }
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 16,
+        "num_patches": 16,
+    }
+    with _seeded(seed):
+        model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+        with torch.no_grad():  # SigLIP's initialisation
+            model.logit_scale.fill_(float(torch.log(torch.tensor(10.0))))
+            model.logit_bias.fill_(-10.0)
+    processor = Siglip2Processor(
+        image_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=256),
+        tokenizer=tokenizer,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
     return path
 
 

@@ -351,3 +351,58 @@ def test_int8_quantizes_the_linear_layers_and_stays_close_to_fp32(
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(NAMES)), atol=1e-5, rtol=0)
         assert float((got * expected).sum(dim=-1).min()) >= 0.99
+
+
+# --- SigLIP 2 NaFlex -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def siglip2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clipserve.testing.tiny import build_tiny_hf_siglip2
+
+    return build_tiny_hf_siglip2(tmp_path_factory.mktemp("siglip2") / "model", seed=7)
+
+
+def test_siglip2_naflex_matches_direct_transformers(
+    siglip2_dir: Path, images: list[Image.Image], texts: list[str]
+) -> None:
+    """Our embeddings equal the family's own path (its processor, Siglip2Model) to 1e-4 in
+    fp32, for photos of different aspect ratios, and do not depend on the batch."""
+    from transformers import AutoProcessor, Siglip2Model
+
+    backend = _load(siglip2_dir)
+    assert backend.info.architecture == "siglip2"
+    assert backend.info.extra["image_preprocessing"] == "naflex"
+    assert backend.logit_bias == pytest.approx(-10.0)
+    model = Siglip2Model.from_pretrained(str(siglip2_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(siglip2_dir))
+    shapes = {image.size for image in images}
+    assert len(shapes) > 1  # aspect ratios differ: patch grids differ
+    with torch.no_grad():
+        ref_images = model.get_image_features(**processor(images=images, return_tensors="pt"))
+        text_inputs = processor(
+            text=texts, padding="max_length", max_length=64, return_tensors="pt"
+        )
+        ref_texts = model.get_text_features(**text_inputs)
+    ref_i = torch.nn.functional.normalize(ref_images.pooler_output, dim=-1)
+    ref_t = torch.nn.functional.normalize(ref_texts.pooler_output, dim=-1)
+    ours_i = backend.encode_images(torch.stack([backend.preprocess(i) for i in images]))
+    ours_t = backend.encode_texts(backend.tokenize(texts))
+    assert (ours_i - ref_i).abs().max() <= 1e-4
+    assert (ours_t - ref_t).abs().max() <= 1e-4
+    alone = backend.encode_images(backend.preprocess(images[1]).unsqueeze(0))
+    assert float(torch.dot(alone[0], ours_i[1])) >= 1 - 1e-6
+    assert set(backend.tokenize(texts).inputs) == {"input_ids", "attention_mask"}
+
+
+async def test_siglip2_serves_through_the_engine(
+    siglip2_dir: Path, make_settings: Callable[..., Any], images: list[Image.Image]
+) -> None:
+    from clipserve.engine.engine import Engine
+
+    spec = {"model_name": str(siglip2_dir), "backend": "hf"}
+    async with Engine(make_settings({"siglip2": spec})) as engine:
+        (report,) = await engine.warm_up(["siglip2"])  # blank images in the NaFlex layout
+        assert report.error is None
+        ranked = await engine.classify("siglip2", images[:2], ["a cat", "a rocket"])
+        assert all(c.error is None and len(c.labels) == 2 for c in ranked)
