@@ -66,6 +66,34 @@ def _embedding(output: Any) -> torch.Tensor:
     return pooled
 
 
+_DUAL_ENCODER_METHODS = ("get_image_features", "get_text_features")
+
+
+def _dual_encoder_class(config: Any, model_name: str) -> Any:
+    """transformers' ``AutoModel`` class for ``config`` when it is a dual encoder (it has
+    ``get_image_features`` and ``get_text_features``, like CLIPModel); else ModelLoadError naming
+    what is missing. Nothing is loaded to find out."""
+    from transformers import MODEL_MAPPING
+
+    model_type = str(getattr(config, "model_type", ""))
+    try:
+        model_cls = MODEL_MAPPING[type(config)]
+    except KeyError:
+        model_cls = None
+    missing = [m for m in _DUAL_ENCODER_METHODS if not hasattr(model_cls, m)]
+    if model_cls is None or missing:
+        what = "no AutoModel class" if model_cls is None else f"{model_cls.__name__} has no "
+        raise ModelLoadError(
+            f"{describe_model('hf', model_name)} has model_type '{model_type}' "
+            f"({what}{', '.join(missing)}); the hf backend serves image-text dual encoders "
+            "with get_image_features and get_text_features ('clip', 'siglip', 'siglip2', "
+            "'chinese_clip', 'altclip'...); use backend 'sentence-transformers' for text-only "
+            "models",
+            technical=f"model_type {model_type!r} in the config of {model_name!r}",
+        )
+    return model_cls
+
+
 def _naflex_pipeline(image_processor: Any) -> Callable[[Image.Image], torch.Tensor]:
     """SigLIP 2 NaFlex preprocessing (transformers' own processor: patches of the image at its
     aspect ratio, padded to ``max_num_patches``), packed into one tensor (see
@@ -115,12 +143,18 @@ class HfClipBackend:
         self._dtype = compute_dtype(dtype)
         config = model.config
         self._context_length = int(config.text_config.max_position_embeddings)
-        self._logit_scale = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+        tokenizer_limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if 0 < tokenizer_limit < self._context_length:  # XLM-R: 514 positions, 512 tokens
+            self._context_length = tokenizer_limit
+        scale = getattr(model, "logit_scale", None)
+        self._logit_scale = (
+            float(scale.detach().float().exp().reshape(-1)[0]) if scale is not None else 100.0
+        )
         bias = getattr(model, "logit_bias", None) if architecture in _SIGMOID else None
         self._logit_bias = None if bias is None else float(bias.detach().float().reshape(-1)[0])
         vision = config.vision_config
         if architecture == "clip":
-            embed_dim = int(config.projection_dim)
+            embed_dim = int(getattr(config, "projection_dim", 0) or vision.hidden_size)
         else:
             embed_dim = int(vision.hidden_size)
         if architecture == "siglip2":  # the side of the square image that fills its patches
@@ -166,14 +200,8 @@ class HfClipBackend:
             architecture, model_cls = "siglip", SiglipModel
         elif model_type == "siglip2":  # NaFlex; fixed-resolution SigLIP 2 is model_type 'siglip'
             architecture, model_cls = "siglip2", Siglip2Model
-        else:
-            raise ModelLoadError(
-                f"{describe_model('hf', model_name)} has model_type '{model_type}'; the hf "
-                "backend supports 'clip', 'siglip' and 'siglip2' (use backend "
-                "'sentence-transformers' for "
-                "text-only models)",
-                technical=f"model_type {model_type!r} in the config of {model_name!r}",
-            )
+        else:  # any other dual encoder transformers' AutoModel knows (ChineseCLIP, AltCLIP...)
+            architecture, model_cls = "clip", _dual_encoder_class(config, model_name)
         weights = compute_dtype(dtype)
         model = model_cls.from_pretrained(model_name, dtype=weights)
         model.to(device=device, dtype=weights)  # transformers < 4.56 ignores `dtype=`

@@ -6,7 +6,8 @@ every backend offline in a second or two:
 * :func:`build_tiny_open_clip` writes an open_clip ``local-dir:`` folder;
 * :func:`build_tiny_hf_clip`, :func:`build_tiny_hf_siglip` and :func:`build_tiny_hf_siglip2`
   write transformers folders that ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (NaFlex)
-  and ``AutoProcessor.from_pretrained(folder)`` load;
+  and ``AutoProcessor.from_pretrained(folder)`` load, and :func:`build_tiny_hf_chinese_clip` a
+  dual encoder of another family (a BERT text tower beside a ViT: ``ChineseCLIPModel``);
 * :func:`build_tiny_blip` writes a transformers BLIP folder (captioning, or question answering)
   that ``BlipForConditionalGeneration`` / ``BlipForQuestionAnswering`` and its processor load,
   and :func:`build_tiny_blip2` a BLIP-2 (OPT) one for ``Blip2ForConditionalGeneration``;
@@ -32,6 +33,7 @@ import torch
 __all__ = [
     "build_tiny_blip",
     "build_tiny_blip2",
+    "build_tiny_hf_chinese_clip",
     "build_tiny_hf_clip",
     "build_tiny_hf_siglip",
     "build_tiny_hf_siglip2",
@@ -314,6 +316,44 @@ def build_tiny_hf_siglip(path: Path, *, seed: int = 0) -> Path:
     )
     model.save_pretrained(str(path))
     SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(path))
+    return path
+
+
+def build_tiny_hf_chinese_clip(path: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random transformers Chinese-CLIP folder: a BERT text tower (word pieces,
+    context 64) beside a CLIP ViT (image 32 / patch 8), projection 16, with its processor.
+    ``AutoModel`` loads it as ``ChineseCLIPModel``: a dual encoder that is not CLIP's own class,
+    as multilingual CLIPs are. Returns ``path``."""
+    from transformers import (
+        ChineseCLIPConfig,
+        ChineseCLIPImageProcessor,
+        ChineseCLIPModel,
+        ChineseCLIPProcessor,
+    )
+
+    tokenizer = _blip_tokenizer()
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    config = ChineseCLIPConfig(
+        text_config={
+            **small,
+            "num_attention_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 64,
+        },
+        vision_config={**small, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    with _seeded(seed):
+        model = ChineseCLIPModel(config)
+    processor = ChineseCLIPProcessor(
+        image_processor=ChineseCLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
     return path
 
 

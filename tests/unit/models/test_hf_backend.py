@@ -406,3 +406,35 @@ async def test_siglip2_serves_through_the_engine(
         assert report.error is None
         ranked = await engine.classify("siglip2", images[:2], ["a cat", "a rocket"])
         assert all(c.error is None and len(c.labels) == 2 for c in ranked)
+
+
+# --- any transformers dual encoder: a BERT text tower beside a ViT (Chinese-CLIP) ----------------
+
+
+def test_other_dual_encoders_load_through_automodel_and_match_it(
+    tmp_path: Path, images: list[Image.Image]
+) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    from clipserve.testing.tiny import build_tiny_hf_chinese_clip
+
+    folder = build_tiny_hf_chinese_clip(tmp_path / "chinese-clip", seed=8)
+    backend = _load(folder)
+    assert backend.info.extra["model_type"] == "chinese_clip"
+    assert backend.info.embed_dim == 16
+    assert backend.info.context_length == 64
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    processor = AutoProcessor.from_pretrained(str(folder))
+    texts = ["a photo of a cat", "a dog on the table with a red car"]
+    with torch.no_grad():
+        ref_i = model.get_image_features(**processor(images=images, return_tensors="pt"))
+        ref_t = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt"))
+    ref_i = torch.nn.functional.normalize(ref_i.pooler_output, dim=-1)
+    ref_t = torch.nn.functional.normalize(ref_t.pooler_output, dim=-1)
+    ours_i = backend.encode_images(torch.stack([backend.preprocess(i) for i in images]))
+    ours_t = backend.encode_texts(backend.tokenize(texts))
+    assert (ours_i - ref_i).abs().max() <= 1e-4
+    assert (ours_t - ref_t).abs().max() <= 1e-4
+    alone = backend.encode_texts(backend.tokenize(texts[:1]))
+    assert float(torch.dot(alone[0], ours_t[0])) >= 1 - 1e-6
+    assert backend.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
