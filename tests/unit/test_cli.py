@@ -282,3 +282,23 @@ def test_serve_refuses_a_bad_log_level(
     assert result.exit_code == 2
     assert "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in result.stderr
     assert served == {}  # never started
+
+
+def test_models_families_lists_every_family_and_the_readme_shows_the_same_table() -> None:
+    from clipserve.model_families import FAMILIES
+
+    result = CliRunner().invoke(app, ["models", "--families", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert [row["name"] for row in listed] == [f.name for f in FAMILIES]
+    assert listed[3]["example"] == {
+        "model_name": "google/siglip2-base-patch16-naflex",
+        "backend": "hf",
+    }
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for family in FAMILIES:
+        row = (
+            f"| {family.name} | `{family.backend}` | `{json.dumps(dict(family.example))}` "
+            f"| {family.context} | {family.image_input} | {family.parity} |"
+        )
+        assert row in readme, row

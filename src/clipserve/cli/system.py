@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -26,9 +27,20 @@ def list_models(
     config: ConfigOpt = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include disabled models.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    families: Annotated[
+        bool,
+        typer.Option(
+            "--families", help="The model families that can be served, and a registry entry each."
+        ),
+    ] = False,
 ) -> None:
-    """List the model registry (built-ins + config file + MODEL_CONFIG_* variables)."""
+    """List the model registry (built-ins + config file + MODEL_CONFIG_* variables), or with
+    --families what can be served and how to point the registry at it."""
     from clipserve.model_specs import load_model_specs
+
+    if families:
+        _print_families(as_json)
+        return
 
     settings = build_settings(config_path=config)
     try:
@@ -53,6 +65,32 @@ def list_models(
             spec.pretrained or "-",
             "yes" if spec.enabled else "no",
             spec.description,
+        )
+    Console().print(table)
+
+
+def _print_families(as_json: bool) -> None:
+    from clipserve.model_families import FAMILIES
+
+    if as_json:
+        rows = [
+            {field.name: getattr(f, field.name) for field in dataclasses.fields(f)}
+            | {"example": dict(f.example)}
+            for f in FAMILIES
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="model families")
+    for column in ("family", "backend", "registry entry", "context", "image input", "parity"):
+        table.add_column(column)
+    for family in FAMILIES:
+        table.add_row(
+            family.name,
+            family.backend,
+            json.dumps(dict(family.example)),
+            family.context,
+            family.image_input,
+            family.parity,
         )
     Console().print(table)
 

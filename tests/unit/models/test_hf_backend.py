@@ -438,3 +438,41 @@ def test_other_dual_encoders_load_through_automodel_and_match_it(
     alone = backend.encode_texts(backend.tokenize(texts[:1]))
     assert float(torch.dot(alone[0], ours_t[0])) >= 1 - 1e-6
     assert backend.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
+# --- long-text CLIPs (Long-CLIP: a CLIPModel with 248 text positions) ----------------------------
+
+
+def test_long_text_clip_takes_its_context_from_the_model(tmp_path: Path) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    from clipserve.testing.tiny import (
+        OPENAI_MEAN,
+        OPENAI_STD,
+        _hf_clip_config,
+        _save_hf_clip,
+        tiny_open_clip_config,
+    )
+
+    model_cfg = tiny_open_clip_config()
+    model_cfg["text_cfg"] = {**model_cfg["text_cfg"], "context_length": 248}
+    torch.manual_seed(9)
+    model = CLIPModel(_hf_clip_config(model_cfg))
+    folder = _save_hf_clip(
+        model, tmp_path / "long-clip", image_size=64, mean=OPENAI_MEAN, std=OPENAI_STD
+    )
+    backend = _load(folder)
+    assert backend.info.context_length == 248
+    text = " ".join(["cat"] * 150)  # 152 tokens with start and end: past CLIP's 77
+    tokens = backend.tokenize([text, " ".join(["dog"] * 300)])
+    assert tokens.token_counts == (152, 302)
+    assert tokens.truncated == (False, True)
+    processor = CLIPProcessor.from_pretrained(str(folder))
+    reference = processor(
+        text=[text], padding=True, truncation=True, max_length=248, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = CLIPModel.from_pretrained(str(folder)).eval().get_text_features(**reference)
+    expected = torch.nn.functional.normalize(expected.pooler_output, dim=-1)
+    ours = backend.encode_texts(backend.tokenize([text]))
+    assert (ours - expected).abs().max() <= 1e-4

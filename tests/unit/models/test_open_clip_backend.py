@@ -402,3 +402,23 @@ def test_int8_keeps_a_linear_text_projection_float(tmp_path: Path, texts: list[s
     text_emb = int8.encode_texts(tokens)
     assert _min_cosine(text_emb, own) >= 0.999
     assert _min_cosine(text_emb, fp32.encode_texts(fp32.tokenize(texts))) >= 0.99
+
+
+def test_mobileclip_equals_open_clip_itself(images: list[Image.Image], texts: list[str]) -> None:
+    """MobileCLIP (what CPU users run) through open_clip's own architecture, random weights:
+    our embeddings equal open_clip's path to 1e-4 and do not depend on the batch."""
+    torch.manual_seed(0)
+    backend = OpenClipBackend.load("MobileCLIP-S1", None, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("MobileCLIP-S1")
+    tokenizer = open_clip.get_tokenizer("MobileCLIP-S1")
+    model.load_state_dict(backend._model.state_dict())  # the same random weights
+    with torch.no_grad():
+        ref_images = model.eval().encode_image(torch.stack([preprocess(i) for i in images]), True)
+        ref_texts = model.encode_text(tokenizer(texts), normalize=True)
+    image_emb, text_emb = _embed(backend, images, texts)
+    assert backend.info.image_size == 256
+    torch.testing.assert_close(image_emb, ref_images, atol=1e-4, rtol=0)
+    torch.testing.assert_close(text_emb, ref_texts, atol=1e-4, rtol=0)
+    single, _ = _embed(backend, images[:1], texts[:1])
+    assert float(torch.dot(single[0], image_emb[0])) >= 1 - 1e-6

@@ -1,0 +1,117 @@
+"""The model families clipserve serves, how to point the registry at each, and how each is tested
+(``clipserve models --families``; the README's table is checked against this one).
+
+Each family's parity test builds a tiny random model of its real architecture at test time and
+compares our embeddings with the family's own code path (transformers or open_clip) in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFamily:
+    name: str
+    backend: str
+    example: Mapping[str, Any]
+    """A registry entry (``models.json``) for a real checkpoint of the family."""
+    context: str
+    """The text context, in tokens."""
+    image_input: str
+    parity: str
+    """What its parity test compares, and to what tolerance."""
+
+
+def _entry(**fields: Any) -> Mapping[str, Any]:
+    return MappingProxyType(fields)
+
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily(
+        "CLIP (OpenAI, LAION, DataComp)",
+        "open_clip",
+        _entry(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k"),
+        "77",
+        "fixed square (224 px)",
+        "open_clip itself 1e-6; transformers on converted weights and torchmetrics 1e-4",
+    ),
+    ModelFamily(
+        "CLIP in transformers (openai/clip-*, fashion-clip)",
+        "hf",
+        _entry(model_name="patrickjohncyh/fashion-clip", backend="hf"),
+        "77",
+        "fixed square (224 px)",
+        "CLIPModel and torchmetrics' CLIPScore 1e-4",
+    ),
+    ModelFamily(
+        "SigLIP, and SigLIP 2 at a fixed resolution",
+        "hf",
+        _entry(model_name="google/siglip2-base-patch16-224", backend="hf"),
+        "64 (padded to it)",
+        "fixed square (224-512 px)",
+        "SiglipModel logits 1e-4",
+    ),
+    ModelFamily(
+        "SigLIP 2 NaFlex",
+        "hf",
+        _entry(model_name="google/siglip2-base-patch16-naflex", backend="hf"),
+        "64 (padded to it)",
+        "patches at the image's aspect ratio, up to max_num_patches (256)",
+        "Siglip2Model 1e-4; batch invariant",
+    ),
+    ModelFamily(
+        "SigLIP through open_clip (timm weights)",
+        "open_clip",
+        _entry(model_name="hf-hub:timm/ViT-B-16-SigLIP"),
+        "64",
+        "fixed square",
+        "a SigLIP-style tiny open_clip model: bias and sigmoid probabilities (no separate "
+        "embedding parity test)",
+    ),
+    ModelFamily(
+        "Long-text CLIPs (Long-CLIP, CLIPModel format)",
+        "hf",
+        _entry(model_name="/models/longclip-L", backend="hf"),
+        "the model's (Long-CLIP: 248)",
+        "fixed square (224 px)",
+        "CLIPModel 1e-4 at 248 tokens; text_truncated past the model's context",
+    ),
+    ModelFamily(
+        "Other transformers dual encoders (Chinese-CLIP, AltCLIP: multilingual text towers)",
+        "hf",
+        _entry(model_name="OFA-Sys/chinese-clip-vit-base-patch16", backend="hf"),
+        "the model's (BERT: 512, XLM-R: 512)",
+        "fixed square (224 px)",
+        "AutoModel 1e-4 (a BERT text tower beside a ViT)",
+    ),
+    ModelFamily(
+        "Mobile and small CLIPs (MobileCLIP, MobileCLIP2, TinyCLIP)",
+        "open_clip",
+        _entry(model_name="MobileCLIP-S1", pretrained="datacompdr"),
+        "77",
+        "fixed square (256 px)",
+        "open_clip itself 1e-4 (MobileCLIP-S1's real architecture, random weights)",
+    ),
+    ModelFamily(
+        "Multilingual open_clip (xlm-roberta-base-ViT-B-32)",
+        "open_clip",
+        _entry(model_name="xlm-roberta-base-ViT-B-32", pretrained="laion5b_s13b_b90k"),
+        "512",
+        "fixed square (224 px)",
+        "not tested offline: its text tower is built from the hub's xlm-roberta-base",
+    ),
+    ModelFamily(
+        "Text-only (sentence-transformers: all-MiniLM-L6-v2...)",
+        "sentence-transformers",
+        _entry(
+            model_name="sentence-transformers/all-MiniLM-L6-v2", backend="sentence-transformers"
+        ),
+        "the model's (256)",
+        "none (texts only)",
+        "batch invariant 1e-5, on the real all-MiniLM-L6-v2 shipped offline",
+    ),
+)
