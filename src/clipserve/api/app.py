@@ -31,6 +31,7 @@ from clipserve.api.routes import (
     rank,
     score,
     system,
+    ui,
 )
 from clipserve.api.schemas.errors import ErrorResponse, OpenAIErrorResponse, error_responses
 from clipserve.api.security import OPEN_PATHS, AccessMiddleware, Security
@@ -135,6 +136,7 @@ def create_app(
     for router in (inference.upload_router, inference.router, system.inference_router):
         app.include_router(router, prefix=prefix, responses=errors)
     app.include_router(inference.qa_router, responses=errors)
+    app.include_router(ui.router)  # the playground's static files (not in the OpenAPI schema)
     app.include_router(embeddings.openai_router, responses=openai_errors)
     return app
 
