@@ -1,4 +1,4 @@
-"""`clipserve models`, `clipserve bench` and `clipserve profile`."""
+"""`clipserve models`, `clipserve download`, `clipserve bench` and `clipserve profile`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,46 @@ def list_models(
             spec.description,
         )
     Console().print(table)
+
+
+@app.command()
+def download(
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Model config names.")],
+    to: Annotated[Path, typer.Option("--to", help="The folder to download into.")],
+    config: ConfigOpt = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="The Hugging Face Hub endpoint (default: HF_ENDPOINT).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="A branch, tag or commit.")] = None,
+) -> None:
+    """Download models' weights, tokenizers and processors into --to DIR, and write DIR/models.json
+    pointing at them, for hosts without network (serve them with --config DIR/models.json).
+
+    Exit codes: 0 done; 1 a download failed (the models before it are on disk); 2 an unknown
+    model or a bad config."""
+    from clipserve.download import DownloadError, download_models
+    from clipserve.model_specs import load_model_specs
+
+    settings = build_settings(config_path=config)
+    try:
+        specs = load_model_specs(settings)
+        done = download_models(specs, names, to, endpoint=endpoint, revision=revision)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    except KeyError as exc:
+        console.print(f"[red]error:[/red] unknown model {exc}; known: {', '.join(specs)}")
+        raise typer.Exit(2) from exc
+    except DownloadError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    for item in done:
+        if item.skipped is not None:
+            console.print(f"{item.name}: skipped ({item.skipped})")
+        else:
+            size = item.size_bytes / 2**20
+            console.print(f"{item.name}: {item.files} files, {size:.1f} MiB")
+    console.print(f"wrote {to / 'models.json'}: serve with --config {to / 'models.json'}")
 
 
 def _print_families(as_json: bool) -> None:
