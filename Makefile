@@ -8,7 +8,8 @@ PORT ?= 8000
 CONFIG ?= config/models.json
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install run test test-unit test-integration test-gpu lint fmt typecheck check bench clean
+.PHONY: install run test test-unit test-integration test-gpu lint fmt typecheck check bench clean \
+	load-test load-test-light load-test-ci
 
 # torch/torchvision are pinned and installed first, with pip, so nothing else can pull another build.
 $(STAMP): pyproject.toml
@@ -51,6 +52,18 @@ check: lint typecheck test
 
 bench: install
 	$(TEST_ENV) $(VENV)/bin/clipserve bench
+
+# Locust (seed 000): the web UI on :8089 against a running service (HOST/PORT), a light headless
+# run, and the CI run (its own server with the tiny model, thresholds set the exit code).
+load-test: install
+	$(VENV)/bin/locust -f load_tests/locustfile.py --host http://$(HOST):$(PORT)
+
+load-test-light: install
+	$(VENV)/bin/locust -f load_tests/locustfile.py --host http://$(HOST):$(PORT) \
+		--headless -u 5 -r 5 -t 2m --only-summary
+
+load-test-ci: install
+	$(TEST_ENV) $(PY) load_tests/run_ci.py --seconds 20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
