@@ -1,4 +1,5 @@
-"""`clipserve models`, `clipserve download`, `clipserve bench` and `clipserve profile`."""
+"""`clipserve models`, `clipserve download`, `clipserve export`, `clipserve bench` and
+`clipserve profile`."""
 
 from __future__ import annotations
 
@@ -107,6 +108,42 @@ def download(
             size = item.size_bytes / 2**20
             console.print(f"{item.name}: {item.files} files, {size:.1f} MiB")
     console.print(f"wrote {to / 'models.json'}: serve with --config {to / 'models.json'}")
+
+
+export_app = typer.Typer(help="Export a configured model to another serving system.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("torchserve")
+def export_torchserve_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A model config name.")],
+    to: Annotated[Path, typer.Option("--to", help="The folder the .mar goes into.")],
+    config: ConfigOpt = None,
+    version: Annotated[str, typer.Option(help="The archive's model version.")] = "1.0",
+) -> None:
+    """Build NAME.mar for TorchServe with torch-model-archiver: its handler runs the model with
+    clipserve (the service's scores); local weights are bundled in the archive. TorchServe is in
+    limited maintenance upstream: prefer scaling clipserve itself where you can.
+
+    Exit codes: 0 built; 1 the archive could not be built; 2 an unknown model or a bad config."""
+    from clipserve.export.torchserve import ExportError, export_torchserve
+    from clipserve.model_specs import load_model_specs
+
+    settings = build_settings(config_path=config)
+    try:
+        specs = load_model_specs(settings)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    if name not in specs:
+        console.print(f"[red]error:[/red] unknown model '{name}'; known: {', '.join(specs)}")
+        raise typer.Exit(2)
+    try:
+        archive = export_torchserve(name, specs[name], to, version=version)
+    except ExportError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    console.print(f"wrote {archive}: torchserve --model-store {to} --models {name}={archive.name}")
 
 
 def _print_families(as_json: bool) -> None:

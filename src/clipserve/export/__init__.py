@@ -1,0 +1,1 @@
+"""Exports of configured models to other serving systems (``clipserve export``)."""
