@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +22,10 @@ from clipserve.cli._common import (
     console,
 )
 from clipserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clipserve.config import Settings
+    from clipserve.model_specs import ModelSpec
 
 
 @app.command("models")
@@ -37,18 +42,12 @@ def list_models(
 ) -> None:
     """List the model registry (built-ins + config file + MODEL_CONFIG_* variables), or with
     --families what can be served and how to point the registry at it."""
-    from clipserve.model_specs import load_model_specs
-
     if families:
         _print_families(as_json)
         return
 
     settings = build_settings(config_path=config)
-    try:
-        specs = load_model_specs(settings)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc.message}")
-        raise typer.Exit(2) from exc
+    specs = _registry(settings)
     shown = {n: s for n, s in specs.items() if show_all or s.enabled}
     if as_json:
         typer.echo(json.dumps({n: s.model_dump() for n, s in shown.items()}, indent=2))
@@ -70,6 +69,22 @@ def list_models(
     Console().print(table)
 
 
+def _registry(settings: Settings, names: Sequence[str] = ()) -> dict[str, ModelSpec]:
+    """The model registry; a bad config or a name not in it exits 2, saying which."""
+    from clipserve.model_specs import load_model_specs
+
+    try:
+        specs = load_model_specs(settings)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    for name in names:
+        if name not in specs:
+            console.print(f"[red]error:[/red] unknown model '{name}'; known: {', '.join(specs)}")
+            raise typer.Exit(2)
+    return specs
+
+
 @app.command()
 def download(
     names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Model config names.")],
@@ -86,18 +101,10 @@ def download(
     Exit codes: 0 done; 1 a download failed (the models before it are on disk); 2 an unknown
     model or a bad config."""
     from clipserve.download import DownloadError, download_models
-    from clipserve.model_specs import load_model_specs
 
-    settings = build_settings(config_path=config)
+    specs = _registry(build_settings(config_path=config), names)
     try:
-        specs = load_model_specs(settings)
         done = download_models(specs, names, to, endpoint=endpoint, revision=revision)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc.message}")
-        raise typer.Exit(2) from exc
-    except KeyError as exc:
-        console.print(f"[red]error:[/red] unknown model {exc}; known: {', '.join(specs)}")
-        raise typer.Exit(2) from exc
     except DownloadError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(1) from exc
@@ -127,17 +134,8 @@ def export_torchserve_command(
 
     Exit codes: 0 built; 1 the archive could not be built; 2 an unknown model or a bad config."""
     from clipserve.export.torchserve import ExportError, export_torchserve
-    from clipserve.model_specs import load_model_specs
 
-    settings = build_settings(config_path=config)
-    try:
-        specs = load_model_specs(settings)
-    except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc.message}")
-        raise typer.Exit(2) from exc
-    if name not in specs:
-        console.print(f"[red]error:[/red] unknown model '{name}'; known: {', '.join(specs)}")
-        raise typer.Exit(2)
+    specs = _registry(build_settings(config_path=config), [name])
     try:
         archive = export_torchserve(name, specs[name], to, version=version)
     except ExportError as exc:
