@@ -117,6 +117,23 @@ def _unpack_naflex(packed: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def load_processor(model_name: str) -> Any:
+    """The model's ``AutoProcessor``, refused (ModelLoadError) unless it has both an image
+    processor and a tokenizer."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_name)
+    if getattr(processor, "image_processor", None) is None or (
+        getattr(processor, "tokenizer", None) is None
+    ):
+        raise ModelLoadError(
+            f"{describe_model('hf', model_name)} has no complete processor (it needs an "
+            "image processor and a tokenizer: save both with the model)",
+            technical=f"processor of {model_name!r}: {type(processor).__name__}",
+        )
+    return processor
+
+
 class HfClipBackend:
     """A transformers CLIP or SigLIP model on one device. Build it with :meth:`load`."""
 
@@ -189,7 +206,7 @@ class HfClipBackend:
         layers (CPU only: the loader's ``resolve_dtype`` sees to that). Library errors propagate
         (the loader explains them); unsupported model types and incomplete processors raise
         ``ModelLoadError`` (naming the source by kind, not by path)."""
-        from transformers import AutoConfig, AutoProcessor, CLIPModel, Siglip2Model, SiglipModel
+        from transformers import AutoConfig, CLIPModel, Siglip2Model, SiglipModel
 
         config = AutoConfig.from_pretrained(model_name)
         model_type = str(getattr(config, "model_type", ""))
@@ -207,15 +224,8 @@ class HfClipBackend:
         model.to(device=device, dtype=weights)  # transformers < 4.56 ignores `dtype=`
         if is_int8(dtype):
             quantize_linear_layers(model.eval())
-        processor = AutoProcessor.from_pretrained(model_name)
-        image_processor = getattr(processor, "image_processor", None)
-        tokenizer = getattr(processor, "tokenizer", None)
-        if image_processor is None or tokenizer is None:
-            raise ModelLoadError(
-                f"{describe_model('hf', model_name)} has no complete processor (it needs an "
-                "image processor and a tokenizer: save both with the model)",
-                technical=f"processor of {model_name!r}: {type(processor).__name__}",
-            )
+        processor = load_processor(model_name)
+        image_processor, tokenizer = processor.image_processor, processor.tokenizer
         return cls(
             model,
             image_processor,

@@ -32,6 +32,7 @@ from clipserve.models.base import (
     GenerativeTask,
     Modality,
 )
+from clipserve.models.hf_backend import load_processor
 from clipserve.models.hf_preprocessing import image_pipeline
 from clipserve.models.loader import (
     describe_model,
@@ -134,7 +135,6 @@ class HfCaptionBackend(CaptionBackend):
         Library errors propagate (the loader explains them)."""
         from transformers import (
             AutoConfig,
-            AutoProcessor,
             Blip2ForConditionalGeneration,
             BlipForConditionalGeneration,
             BlipForQuestionAnswering,
@@ -155,15 +155,7 @@ class HfCaptionBackend(CaptionBackend):
         weights = compute_dtype(dtype)
         model = model_cls.from_pretrained(model_name, dtype=weights)
         model.to(device=device, dtype=weights)
-        processor = AutoProcessor.from_pretrained(model_name)
-        if getattr(processor, "image_processor", None) is None or not hasattr(
-            processor, "tokenizer"
-        ):
-            raise ModelLoadError(
-                f"{describe_model('hf', model_name)} has no complete processor (it needs an "
-                "image processor and a tokenizer: save both with the model)",
-                technical=f"processor of {model_name!r}: {type(processor).__name__}",
-            )
+        processor = load_processor(model_name)
         return cls(
             model,
             processor,
