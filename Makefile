@@ -9,7 +9,8 @@ CONFIG ?= config/models.json
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: install run test test-unit test-integration test-gpu lint fmt typecheck check bench clean \
-	load-test load-test-light load-test-ci
+	load-test load-test-light load-test-ci run-ray build-base build-app run-local build-ray-base \
+	build-ray run-local-ray
 
 # torch/torchvision are pinned and installed first, with pip, so nothing else can pull another build.
 $(STAMP): pyproject.toml
@@ -64,6 +65,29 @@ load-test-light: install
 
 load-test-ci: install
 	$(TEST_ENV) $(PY) load_tests/run_ci.py --seconds 20
+
+# Ray Serve mode here (a local Ray cluster), and the seed's image targets (Docker).
+MODELS ?= fast
+run-ray: install
+	$(VENV)/bin/clipserve serve --ray --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+build-base:
+	docker build -f docker/Dockerfile -t clipserve:base .
+
+build-app:
+	docker build -f docker/Dockerfile --build-arg MODELS="$(MODELS)" -t clipserve:app .
+
+run-local:
+	docker run --rm -p $(PORT):8000 clipserve:app
+
+build-ray-base:
+	docker build -f docker/Dockerfile.ray --target base -t clipserve:ray-base .
+
+build-ray:
+	docker build -f docker/Dockerfile.ray -t clipserve:ray .
+
+run-local-ray:
+	docker run --rm -p $(PORT):8000 --shm-size=2g clipserve:ray
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

