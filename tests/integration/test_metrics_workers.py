@@ -1,5 +1,6 @@
 """`clipserve serve --workers 2`: one scrape, whichever worker answers it, counts every
-worker's requests (PROMETHEUS_MULTIPROC_DIR); and the same with one worker."""
+worker's requests and sums their queues' capacities (PROMETHEUS_MULTIPROC_DIR); and the same
+with one worker."""
 
 from __future__ import annotations
 
@@ -47,3 +48,6 @@ def test_one_scrape_counts_every_workers_requests(
         assert scrapes == [24.0] * 6
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
         assert 'batcher_queue_size{modality="text",model="tiny"} 0.0' in metrics
+        # every worker's queue holds max_queue_size (1000): the server's capacity is their sum
+        capacity = f'batcher_queue_capacity{{modality="text",model="tiny"}} {1000.0 * workers}'
+        assert capacity in metrics

@@ -45,7 +45,10 @@ PROMQL_WORDS = frozenset(
 # Series Prometheus makes itself rather than scraping them.
 PROMETHEUS_SERIES = frozenset({"up"})
 # Families the service declares but only fills under conditions a CPU test cannot make.
-DECLARED_ONLY = {"clipserve_gpu_memory_bytes": "set only on CUDA hosts (at each scrape)"}
+DECLARED_ONLY = {
+    "clipserve_gpu_memory_bytes": "set only on CUDA hosts (at each scrape)",
+    "clipserve_gpu_utilization_ratio": "set only on CUDA hosts with pynvml (at each scrape)",
+}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -138,6 +141,67 @@ def test_promtool_accepts_config_and_rules() -> None:
             [promtool, *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
+
+
+def test_queue_near_full_watches_each_queues_own_capacity(tmp_path: Path) -> None:
+    """``promtool test rules``: ClipserveBatcherQueueNearFull fires for a queue at 80% or more of
+    the capacity it exports (whatever that capacity is) once it has stayed there 2 minutes, for
+    the fullest instance of a replicated queue, and not for a long queue that is far from full."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    queues = {  # (model, modality, instance): (size, capacity)
+        ("fast", "text", "a"): (80, 100),
+        ("fast", "image", "a"): (79, 100),
+        ("small", "text", "a"): (9, 10),
+        ("big", "text", "a"): (900, 2000),
+        ("replicated", "text", "a"): (50, 100),
+        ("replicated", "text", "b"): (85, 100),
+    }
+    series = []
+    for (model, modality, instance), (size, capacity) in queues.items():
+        labels = f'job="clipserve",instance="{instance}:8000",model="{model}",modality="{modality}"'
+        series.append({"series": f"batcher_queue_size{{{labels}}}", "values": f"{size}x10"})
+        series.append({"series": f"batcher_queue_capacity{{{labels}}}", "values": f"{capacity}x10"})
+    (rule,) = [r for r in alert_rules() if r["alert"] == "ClipserveBatcherQueueNearFull"]
+
+    def firing(model: str, modality: str, full: str) -> dict[str, Any]:
+        return {
+            "exp_labels": {**rule["labels"], "model": model, "modality": modality},
+            "exp_annotations": {
+                "summary": f"batcher queue {model}/{modality} is {full} full",
+                "description": rule["annotations"]["description"],
+            },
+        }
+
+    test = {
+        "rule_files": [str(ALERTS_YML)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": rule["alert"], "exp_alerts": []},
+                    {
+                        "eval_time": "5m",
+                        "alertname": rule["alert"],
+                        "exp_alerts": [
+                            firing("fast", "text", "80%"),
+                            firing("small", "text", "90%"),
+                            firing("replicated", "text", "85%"),
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "queue_near_full_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"promtool test rules:\n{done.stdout}{done.stderr}"
 
 
 async def test_every_queried_metric_is_exported(

@@ -18,6 +18,7 @@ from clipserve.api.middleware import (
     CancelOnDisconnectMiddleware,
     ConcurrencyLimitMiddleware,
     RequestContextMiddleware,
+    time_handlers,
 )
 from clipserve.api.routes import (
     classify,
@@ -130,14 +131,16 @@ def create_app(
         models.router,
         system.router,
     )
+    # time_handlers: each handler notes its return (the response encoding span starts there).
     for router in routers:
-        app.include_router(router, responses=errors)
+        app.include_router(time_handlers(router), responses=errors)
     prefix = settings.server.inference_prefix  # the ML inference service's (seed 001) paths
     for router in (inference.upload_router, inference.router, system.inference_router):
-        app.include_router(router, prefix=prefix, responses=errors)
-    app.include_router(inference.qa_router, responses=errors)
-    app.include_router(ui.router)  # the playground's static files (not in the OpenAPI schema)
-    app.include_router(embeddings.openai_router, responses=openai_errors)
+        app.include_router(time_handlers(router), prefix=prefix, responses=errors)
+    app.include_router(time_handlers(inference.qa_router), responses=errors)
+    # The playground's static files (not in the OpenAPI schema).
+    app.include_router(time_handlers(ui.router))
+    app.include_router(time_handlers(embeddings.openai_router), responses=openai_errors)
     return app
 
 

@@ -1,20 +1,25 @@
-"""Pure-ASGI middleware: request ids, HTTP metrics (labelled by route template, not raw path), and
-cancelling the work of clients that went away."""
+"""Pure-ASGI middleware: request ids, HTTP metrics (labelled by route template, not raw path), the
+access line and the request's server span, and cancelling the work of clients that went away."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from fastapi.routing import APIRoute, APIRouter
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clipserve.observability.context import RequestContext, note_handler_returned, request_context
 from clipserve.observability.logging import ACCESS_LOGGER
 from clipserve.observability.metrics import Metrics
 from clipserve.observability.tracing import Tracing
@@ -31,7 +36,11 @@ CLIENT_CLOSED_REQUEST = 499
 class RequestContextMiddleware:
     """Sets ``request.state.request_id`` (a sane ``X-Request-ID`` or a new uuid), echoes it, adds
     ``X-Process-Time-Ms``, records ``http_requests_total`` / ``http_request_duration_seconds``,
-    and writes the request's access line (with what the route left in ``state["log"]``)."""
+    opens the request's :class:`~clipserve.observability.context.RequestContext` (models used,
+    cache hits), and writes the request's access line (with what the route left in
+    ``state["log"]``). With tracing on, the request's server span and its ``response encoding``
+    child (from the handler's return, see :func:`time_handlers`, to the response's start) are
+    made here."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.app = app
@@ -42,16 +51,27 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with request_context() as context:
+            await self._serve(scope, receive, send, context)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
         incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        server_span: Any = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if context.handler_returned_ns is not None:
+                    self.tracing.finished(
+                        "response encoding", server_span, context.handler_returned_ns
+                    )
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
@@ -63,6 +83,7 @@ class RequestContextMiddleware:
             if self.tracing.on:
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 with self.tracing.request(scope["method"], scope["path"], headers) as span:
+                    server_span = span
                     try:
                         await self.app(scope, receive, send_wrapper)
                     finally:  # named by the route template, as the metrics are
@@ -102,9 +123,48 @@ class RequestContextMiddleware:
                         "route": endpoint,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
+                        **context.log_fields(),
                         **scope["state"].get("log", {}),
                     },
                 )
+
+
+def time_handlers(router: APIRouter) -> APIRouter:
+    """Make each handler of ``router`` note when it returns, where its request's ``response
+    encoding`` span starts: between a handler's return and the response, FastAPI validates and
+    serialises what it returned, and has no public hook there. The router's routes are changed
+    in place (our routers are module-level: the first app does it, later ones find it done), so
+    call it before including the router: an app builds its routes from each route's
+    ``endpoint``. The wrapper carries the handler's signature with its annotations evaluated
+    (FastAPI reads the parameters from it, and would otherwise evaluate them in this module's
+    namespace), so the app and its OpenAPI schema are the same. Only ``async def`` handlers (all
+    of ours) are wrapped."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        handler = route.endpoint
+        if not inspect.iscoroutinefunction(handler) or getattr(handler, _TIMED, False):
+            continue
+        try:
+            route.endpoint = _noting_return(handler)
+        except NameError as exc:  # an annotation that does not resolve: left as it is
+            logger.debug("%s is not timed: %s", route.path, exc)
+    return router
+
+
+_TIMED = "_clipserve_notes_return"
+
+
+def _noting_return(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(handler)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        result = await handler(*args, **kwargs)
+        note_handler_returned()
+        return result
+
+    timed.__signature__ = inspect.signature(handler, eval_str=True)  # type: ignore[attr-defined]
+    setattr(timed, _TIMED, True)
+    return timed
 
 
 class CancelOnDisconnectMiddleware:

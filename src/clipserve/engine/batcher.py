@@ -218,6 +218,7 @@ class BatchQueue(Generic[P, R]):
         self._m_wait = metrics.batcher_batch_wait_time_seconds.labels(*labels)
         self._m_infer = metrics.batcher_inference_time_seconds.labels(*labels)
         self._m_queue = metrics.batcher_queue_size.labels(*labels)
+        metrics.batcher_queue_capacity.labels(*labels).set(self.max_queue_size)
         self._m_forward = metrics.inference_time_seconds.labels(*labels)
         self._m_forward_size = metrics.forward_batch_size.labels(*labels)
 

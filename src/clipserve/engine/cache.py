@@ -64,6 +64,7 @@ from clipserve.engine.registry import ModelHandle
 from clipserve.errors import ClipServeError, InferenceTimeoutError, QueueFullError
 from clipserve.model_specs import ModelSpec
 from clipserve.models.base import BackendInfo
+from clipserve.observability.context import note_cache_hit
 from clipserve.observability.metrics import Metrics
 
 KEY_VERSION: Final = "v1"
@@ -393,7 +394,10 @@ class EmbeddingCache:
             await self.remote.close()
 
     def _count(self, what: str, key: CacheKey, tier: str) -> None:
-        counter = (
-            self._metrics.cache_hits_total if what == "hits" else self._metrics.cache_misses_total
-        )
+        """Count a hit or a miss in the metrics, and a hit in the request's access line."""
+        if what == "hits":
+            note_cache_hit()
+            counter = self._metrics.cache_hits_total
+        else:
+            counter = self._metrics.cache_misses_total
         counter.labels(key.model, key.modality, tier).inc()

@@ -46,8 +46,9 @@ from clipserve.errors import (
 from clipserve.media import ImageLoader
 from clipserve.models.base import Modality
 from clipserve.models.loader import load_backend
-from clipserve.observability.metrics import Metrics
-from clipserve.observability.system import gpu_memory
+from clipserve.observability.context import note_model
+from clipserve.observability.metrics import UNKNOWN_MODEL, Metrics
+from clipserve.observability.system import publish_gpu
 from clipserve.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class EngineCore:
         self.executors.shutdown(max(0.0, deadline - loop.time()))
 
     def _refresh_gauges(self) -> None:
-        """At each scrape: the age of each queue's oldest item, and GPU memory."""
+        """At each scrape: the age of each queue's oldest item, GPU memory and utilisation."""
         try:
             asyncio.get_running_loop()  # queue ages are on the loop's clock
         except RuntimeError:
@@ -158,10 +159,7 @@ class EngineCore:
             self.metrics.batcher_oldest_item_age_seconds.labels(queue.model, queue.modality).set(
                 queue.oldest_wait_s
             )
-        for gpu in gpu_memory() or ():
-            for kind in ("total", "free", "allocated", "reserved"):
-                value = getattr(gpu, f"{kind}_mb") * 2**20
-                self.metrics.gpu_memory_bytes.labels(gpu.device, kind).set(value)
+        publish_gpu(self.metrics)
 
     async def _unloaded(self, handle: ModelHandle) -> None:
         """A model unloads (a reload, a config change, shutdown): its queues close, and its
@@ -257,7 +255,10 @@ class EngineCore:
     ) -> AsyncIterator[ModelHandle]:
         """Lease, modality check and admission for one request on one model, bounded by the
         deadline. The work inside bounds itself per input (the encoder answers each input that
-        misses the deadline with its own 504), so the results that are ready are kept."""
+        misses the deadline with its own 504), so the results that are ready are kept. The
+        request's access line names the model (``unknown`` when no such config exists)."""
+        known = name in self.registry.names(include_disabled=True)
+        note_model(name if known else UNKNOWN_MODEL)
         try:
             async with self.registry.use(name, deadline=scope.deadline) as handle:
                 self._require(handle, modalities)

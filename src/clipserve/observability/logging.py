@@ -2,8 +2,11 @@
 text, one logging set-up for clipserve and uvicorn, and the one access line per request.
 
 The access line (logger ``clipserve.access``, written by the request middleware) carries the
-request id, method, route template, status, latency, and what the route recorded in
-``request.state.log`` (items, model); never bodies, image bytes, prompts or keys.
+request id, method, route template, status, latency, what the route recorded in
+``request.state.log`` (items), and for requests that used a model its config name(s) and the
+embeddings they got from the cache (``model``, ``cache_hits``: from the request's
+:class:`~clipserve.observability.context.RequestContext`); never bodies, image bytes, prompts or
+keys.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ _SCORE_BUCKETS = tuple(float(x) for x in range(0, 101, 5))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _MODEL_STATES = ("not_loaded", "loading", "loaded", "error")
 _WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+UNKNOWN_MODEL = "unknown"
+"""The model label (and the access line's model) of names that are not in the registry: a name
+a client chose must never become a label value."""
 
 
 class Metrics:
@@ -176,6 +179,14 @@ class Metrics:
             ["model", "modality"],
             multiprocess_mode="livesum",
         )
+        self.batcher_queue_capacity = self._add(
+            Gauge,
+            "batcher_queue_capacity",
+            "Items each batcher queue may hold (max_queue_size); batcher_queue_size / "
+            "batcher_queue_capacity is how full it is",
+            ["model", "modality"],
+            multiprocess_mode="livesum",
+        )
         self.batcher_oldest_item_age_seconds = self._add(
             Gauge,
             "batcher_oldest_item_age_seconds",
@@ -188,6 +199,14 @@ class Metrics:
             "clipserve_gpu_memory_bytes",
             "CUDA memory by device and kind (total, free, allocated, reserved), at the last scrape",
             ["device", "kind"],
+            multiprocess_mode="livemax",
+        )
+        self.gpu_utilization_ratio = self._add(
+            Gauge,
+            "clipserve_gpu_utilization_ratio",
+            "Share of the last sample period (1/6 s to 1 s) during which a kernel ran on each "
+            "CUDA device (nvidia-smi's utilization.gpu / 100), at the last scrape; needs pynvml",
+            ["device"],
             multiprocess_mode="livemax",
         )
         self.batcher_inflight_batches = self._add(

@@ -3,10 +3,12 @@
 service name, sampler) is the SDK's own ``OTEL_*`` configuration.
 
 A request gets a server span (a W3C ``traceparent`` it carries is its parent) with children for
-each image's fetch + decode + preprocess, each input's wait in its batcher queue and its share of
-the forward pass. A forward pass is one span of its own (a batch serves many requests), with
-the batch size and id as attributes and a link to every request in it; each request's
-``inference`` span links back to it. With tracing off, every hook is one ``None`` check.
+each image's fetch + decode + preprocess, each input's wait in its batcher queue, its share of
+the forward pass, and the ``response encoding`` (from the route handler's return to the start
+of the response: FastAPI's validation and serialisation of the body). A forward pass is one
+span of its own (a batch serves many requests), with the batch size and id as attributes and a
+link to every request in it; each request's ``inference`` span links back to it. With tracing
+off, every hook is one ``None`` check.
 """
 
 from __future__ import annotations
@@ -92,6 +94,16 @@ class Tracing:
             return
         with self.tracer.start_as_current_span(name, attributes=attributes):
             yield
+
+    def finished(self, name: str, parent: Any, start_ns: int) -> None:
+        """A child of span ``parent`` that began at ``start_ns`` (epoch ns) and ends now: a step
+        timed from outside the code that ran it (the response's encoding)."""
+        if self.tracer is None or parent is None:
+            return
+        from opentelemetry import trace
+
+        context = trace.set_span_in_context(parent)
+        self.tracer.start_span(name, context=context, start_time=start_ns).end()
 
     def current(self) -> Any:
         """The current context, kept with a queued item (None when off)."""

@@ -1,8 +1,10 @@
 """Logs: JSON lines with the record's fields, and one access line per request carrying the
-request id, route template, status, latency and item count; never the prompt."""
+request id, route template, status, latency, item count, model and cache hits; never the prompt,
+nor a model name the client made up."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -83,3 +85,40 @@ async def test_one_access_line_per_request_without_the_prompt(
     }
     assert record.duration_ms > 0  # type: ignore[attr-defined]
     assert prompt not in JsonFormatter().format(record)
+
+
+async def test_the_access_line_names_the_model_and_counts_cache_hits(
+    client_for: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+    photo_bytes: Callable[..., bytes],
+) -> None:
+    client = await client_for(make_settings(), FakeLoader())
+    body = {"model": "fast", "input": ["a cat", "a dog"]}
+    made_up = "made-up-model-7f3a"
+    uri = "data:image/png;base64," + base64.b64encode(photo_bytes("coffee", "PNG")).decode()
+    pairs = [
+        {"image_input": uri, "text_prompt": "coffee", "model_config_name": name}
+        for name in ("fast", "accurate", made_up)
+    ]
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        assert (await client.post("/v1/embeddings", json=body)).status_code == 200
+        assert (await client.post("/v1/embeddings", json=body)).status_code == 200
+        missing = await client.post("/v1/embeddings", json={"model": made_up, "input": "x"})
+        assert missing.status_code == 404
+        batch = await client.post("/evaluator/v1/evaluation/batch", json={"evaluations": pairs})
+        assert batch.status_code == 200
+        assert (await client.get("/evaluator/health")).status_code == 200
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == ACCESS_LOGGER]
+    entries = [json.loads(line) for line in lines]
+    assert [(e["route"], e.get("model"), e.get("cache_hits")) for e in entries[:3]] == [
+        ("/v1/embeddings", "fast", 0),
+        ("/v1/embeddings", "fast", 2),  # both inputs from the cache the first request filled
+        ("/v1/embeddings", "unknown", 0),
+    ]
+    evaluation, health = entries[3:]
+    assert set(evaluation["model"].split(",")) == {"fast", "accurate", "unknown"}
+    assert evaluation["cache_hits"] == 0  # "coffee" was never embedded before
+    assert "model" not in health  # no model used, no model field
+    assert "cache_hits" not in health
+    assert not [line for line in lines if made_up in line]

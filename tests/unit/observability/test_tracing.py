@@ -1,6 +1,6 @@
 """Traces with the SDK's in-memory exporter: a real request's span tree (server span under the
-client's traceparent; fetch/decode, queue wait and inference children; one forward span per batch
-linked from every request in it)."""
+client's traceparent; fetch/decode, queue wait, inference and response encoding children; one
+forward span per batch linked from every request in it)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ async def test_a_request_span_tree_and_a_shared_batch(
                 )
             )
             assert all(r.status_code == 200 for r in together)
+            missing = await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+            assert missing.status_code == 404
     spans = exporter.get_finished_spans()
     (server,) = [s for s in spans if s.name == "POST /v1/embeddings" and s.parent is not None]
     assert format(server.context.trace_id, "032x") == TRACE_ID
@@ -62,8 +64,17 @@ async def test_a_request_span_tree_and_a_shared_batch(
         for s in spans
         if s.parent is not None and s.parent.span_id == server.context.span_id
     }
-    assert set(children) >= {"fetch, decode, preprocess", "queue wait", "inference"}
+    assert set(children) >= {
+        "fetch, decode, preprocess",
+        "queue wait",
+        "inference",
+        "response encoding",
+    }
     inference = children["inference"]
+    # The body is encoded after the handler returned, i.e. after its inference, and before the
+    # server span ends.
+    encoding = children["response encoding"]
+    assert inference.end_time <= encoding.start_time <= encoding.end_time <= server.end_time
     (forward,) = [s for s in spans if s.context.span_id == inference.links[0].context.span_id]
     assert forward.name == "forward"
     assert forward.attributes["clipserve.batch.size"] == 1
@@ -75,6 +86,13 @@ async def test_a_request_span_tree_and_a_shared_batch(
     linked = sum(len(s.links) for s in text_forwards)
     assert linked == 4  # every text request is linked from the batch that served it
     assert sum(s.attributes["clipserve.batch.size"] for s in text_forwards) == 4
+    servers = [s for s in spans if s.name == "POST /v1/embeddings"]
+    encodings = [s for s in spans if s.name == "response encoding"]
+    assert len(servers) == 6
+    assert len(encodings) == 5  # one per answered request, each under its own server span
+    assert {s.parent.span_id for s in encodings if s.parent} == {
+        s.context.span_id for s in servers if s.attributes["http.status_code"] == 200
+    }
 
 
 def test_tracing_is_off_unless_an_exporter_is_named() -> None:
