@@ -3,6 +3,12 @@
 
 Each family's parity test builds a tiny random model of its real architecture at test time and
 compares our embeddings with the family's own code path (transformers or open_clip) in fp32.
+
+Not served: M-CLIP (``M-CLIP/XLM-Roberta-Large-Vit-B-32``...), a multilingual text encoder with a
+linear projection, distilled into the space of a separate OpenAI CLIP image model. No checkpoint
+holds both towers and its text side needs the ``multilingual_clip`` package's own class, while
+a registry entry is one model behind one backend; multilingual models that hold both towers
+(AltCLIP, open_clip's xlm-roberta ones) are served instead.
 """
 
 from __future__ import annotations
@@ -81,15 +87,23 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "CLIPModel 1e-4 at 248 tokens; text_truncated past the model's context",
     ),
     ModelFamily(
-        "Other transformers dual encoders (Chinese-CLIP, AltCLIP: multilingual text towers)",
+        "Other transformers dual encoders (Chinese-CLIP: a BERT text tower)",
         "hf",
         _entry(model_name="OFA-Sys/chinese-clip-vit-base-patch16", backend="hf"),
-        "the model's (BERT: 512, XLM-R: 512)",
+        "the model's (BERT: 512)",
         "fixed square (224 px)",
         "AutoModel 1e-4 (a BERT text tower beside a ViT)",
     ),
     ModelFamily(
-        "Mobile and small CLIPs (MobileCLIP, MobileCLIP2, TinyCLIP)",
+        "Multilingual CLIPs in transformers (AltCLIP, AltCLIP-m9/m18: an XLM-R text tower)",
+        "hf",
+        _entry(model_name="BAAI/AltCLIP", backend="hf"),
+        "the model's (XLM-R: 512, its 514 positions less the offset)",
+        "fixed square (224 px)",
+        "AltCLIPModel 1e-4 (an XLM-R tokenizer and text tower beside a CLIP ViT); batch invariant",
+    ),
+    ModelFamily(
+        "Mobile CLIPs (MobileCLIP, MobileCLIP2)",
         "open_clip",
         _entry(model_name="MobileCLIP-S1", pretrained="datacompdr"),
         "77",
@@ -97,12 +111,22 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "open_clip itself 1e-4 (MobileCLIP-S1's real architecture, random weights)",
     ),
     ModelFamily(
-        "Multilingual open_clip (xlm-roberta-base-ViT-B-32)",
+        "TinyCLIP (the hub's checkpoints are CLIPModel)",
+        "hf",
+        _entry(model_name="wkcn/TinyCLIP-ViT-8M-16-Text-3M-YFCC15M", backend="hf"),
+        "77",
+        "fixed square (224 px)",
+        "CLIPModel 1e-4, and open_clip on the same weights 1e-4 (TinyCLIP-ViT-8M/16 Text-3M's "
+        "real architecture, random weights); batch invariant",
+    ),
+    ModelFamily(
+        "Multilingual open_clip (xlm-roberta-base-ViT-B-32: an XLM-R text tower)",
         "open_clip",
         _entry(model_name="xlm-roberta-base-ViT-B-32", pretrained="laion5b_s13b_b90k"),
-        "512",
+        "77 (open_clip's tokenizer)",
         "fixed square (224 px)",
-        "not tested offline: its text tower is built from the hub's xlm-roberta-base",
+        "open_clip itself 1e-4 (its layout in a local folder: the text tower from the folder's "
+        "own config); batch invariant",
     ),
     ModelFamily(
         "Text-only (sentence-transformers: all-MiniLM-L6-v2...)",

@@ -94,6 +94,25 @@ def _dual_encoder_class(config: Any, model_name: str) -> Any:
     return model_cls
 
 
+def _text_positions(model: Any) -> int:
+    """How many tokens the text tower's position table holds: ``max_position_embeddings``, less
+    the offset of RoBERTa-style towers (XLM-R: AltCLIP), which number positions from
+    ``padding_idx + 1`` (their position embedding has a ``padding_idx``): 514 rows, 512 tokens,
+    even when the tokenizer sets no limit."""
+    positions = int(model.config.text_config.max_position_embeddings)
+    text_model = getattr(model, "text_model", None)
+    if not isinstance(text_model, torch.nn.Module):
+        return positions
+    for name, module in text_model.named_modules():
+        if name.rpartition(".")[2] == "position_embeddings" and isinstance(
+            module, torch.nn.Embedding
+        ):
+            if module.padding_idx is not None:
+                return positions - (int(module.padding_idx) + 1)
+            break
+    return positions
+
+
 def _naflex_pipeline(image_processor: Any) -> Callable[[Image.Image], torch.Tensor]:
     """SigLIP 2 NaFlex preprocessing (transformers' own processor: patches of the image at its
     aspect ratio, padded to ``max_num_patches``), packed into one tensor (see
@@ -159,9 +178,9 @@ class HfClipBackend:
         self._device = torch.device(device)
         self._dtype = compute_dtype(dtype)
         config = model.config
-        self._context_length = int(config.text_config.max_position_embeddings)
+        self._context_length = _text_positions(model)
         tokenizer_limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
-        if 0 < tokenizer_limit < self._context_length:  # XLM-R: 514 positions, 512 tokens
+        if 0 < tokenizer_limit < self._context_length:
             self._context_length = tokenizer_limit
         scale = getattr(model, "logit_scale", None)
         self._logit_scale = (

@@ -1,11 +1,14 @@
 """open_clip models (CLIP and SigLIP-style) behind the ``Backend`` protocol.
 
 Images go through open_clip's own eval transform and texts through ``open_clip.get_tokenizer``,
-so the embeddings equal what open_clip itself computes.
+so the embeddings equal what open_clip itself computes. A ``local-dir:`` folder whose text tower
+is a transformers model (open_clip's xlm-roberta configs) may carry that tower's config in a
+subfolder named as the config names the tower (:func:`local_text_tower`), so it loads offline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -98,6 +101,33 @@ def resolve_open_clip_source(model_name: str, pretrained: str | None) -> tuple[s
             logger.warning("pretrained=%r is ignored for %s", pretrained, model_name)
         return model_name, None
     return model_name, pretrained
+
+
+def local_text_tower(name: str) -> dict[str, Any]:
+    """open_clip keywords that find a ``local-dir:`` folder's transformers text tower in it.
+
+    open_clip's configs with a transformers text tower (``xlm-roberta-base-ViT-B-32``,
+    ``roberta-ViT-B-32``...) name it by hub id in
+    ``text_cfg.hf_model_name`` (``"xlm-roberta-base"``) and build it from that id's config, which
+    offline is missing and from a folder is looked up relative to the working directory. When the
+    folder has a subfolder of that (relative) name, the ``text_cfg`` is given with its absolute
+    path; the subfolder needs only the tower's ``config.json``, since its weights are the folder
+    checkpoint's (``hf_model_pretrained: false``). Otherwise (an absolute path, a hub id with no
+    such subfolder, another schema): no keywords, and open_clip does as it does."""
+    if not name.startswith(LOCAL_DIR_PREFIX):
+        return {}
+    folder = Path(name[len(LOCAL_DIR_PREFIX) :])
+    if not (folder / "open_clip_config.json").is_file():
+        return {}  # open_clip says what is missing
+    config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
+    tower = text_cfg.get("hf_model_name")
+    if not isinstance(tower, str) or not tower or Path(tower).is_absolute():
+        return {}
+    if not (folder / tower).is_dir():
+        return {}
+    resolved = {**text_cfg, "hf_model_name": str(folder / tower), "hf_model_pretrained": False}
+    return {"text_cfg": resolved}
 
 
 def _looks_like_path(value: str) -> bool:
@@ -374,7 +404,7 @@ class OpenClipBackend:
                 f"unsupported dtype {dtype} (use float32, float16, bfloat16 or int8)"
             )
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, precision=precision, device=device
+            name, pretrained=weights, precision=precision, device=device, **local_text_tower(name)
         )
         if is_int8(dtype):
             model = _quantize(model.eval())

@@ -14,6 +14,9 @@ every backend offline in a second or two:
 * :func:`convert_open_clip_to_hf_clip` turns an open_clip CLIP folder into an equivalent
   transformers folder (same weights, same tokenizer ids), for parity checks between libraries.
 
+Families with other text towers or shapes (multilingual XLM-R CLIPs, TinyCLIP) are built by
+:mod:`clipserve.testing.tiny_families`.
+
 The weights are random: embeddings (and captions) are meaningless but deterministic for a given
 ``seed``.
 """
@@ -41,6 +44,7 @@ __all__ = [
     "clip_bpe_tokenizer",
     "convert_open_clip_to_hf_clip",
     "open_clip_state_dict_to_hf_clip",
+    "save_open_clip_folder",
     "tiny_open_clip_config",
 ]
 
@@ -115,11 +119,18 @@ def build_tiny_open_clip(path: Path, *, siglip: bool = False, seed: int = 0) -> 
     Returns ``path``.
     """
     import open_clip
-    from safetensors.torch import save_file
 
-    model_cfg = tiny_open_clip_config(siglip=siglip)
     with _seeded(seed):
         model = open_clip.CLIP(**tiny_open_clip_config(siglip=siglip))
+    return save_open_clip_folder(model, tiny_open_clip_config(siglip=siglip), path)
+
+
+def save_open_clip_folder(model: Any, model_cfg: Mapping[str, Any], path: Path) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` folder: ``open_clip_model.safetensors`` and
+    ``open_clip_config.json`` (``model_cfg`` and a ``preprocess_cfg`` of OpenAI's mean and std,
+    bicubic, shortest-side resize to the config's image size). Returns ``path``."""
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(path / "open_clip_model.safetensors"))
