@@ -50,7 +50,7 @@ def uri(photo_bytes: Callable[..., bytes]) -> Callable[[str], str]:
 def _settings(config: Path, media_root: Path) -> Settings:
     return Settings(
         config_path=config,
-        config_reload_interval_s=0,
+        config_reload_interval_s=0.5,  # every replica watches the registry file
         media={"media_root": media_root, "allow_private_urls": True},
         # Our own limit, per replica: a replica that got two 600-text requests refuses the second.
         rate_limit={"items": "1000/minute"},
@@ -188,6 +188,30 @@ async def test_per_item_errors_and_http_errors_come_through(
     assert missing.status_code == 404
     assert "nope" in missing.json()["error"]
     assert ready.status_code == 200, ready.text
+
+
+async def test_a_registry_change_reaches_the_replicas(
+    served: tuple[str, Settings],
+    tiny_registry: dict[str, dict[str, Any]],
+    uri: Callable[[str], str],
+) -> None:
+    url, settings = served
+    assert settings.config_path is not None
+    models = json.loads(settings.config_path.read_text())["models"]
+    models["added"] = tiny_registry["tiny"]
+    settings.config_path.write_text(json.dumps({"models": models}))
+    body = {"image_input": uri("chelsea"), "text_prompt": "a cat", "model_config_name": "added"}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for _ in range(120):  # each replica checks the file every 0.5 s
+            listed = await asyncio.gather(*(client.get("/v1/system/models") for _ in range(4)))
+            if all("added" in {m["name"] for m in r.json()["models"]} for r in listed):
+                break
+            await asyncio.sleep(0.5)  # waiting for the replicas' file watch, not for a result
+        answers = await asyncio.gather(*(client.post(SINGLE, json=body) for _ in range(8)))
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_used"] == "added"
+        assert answer.json()["error"] is None
 
 
 def test_scaling_and_backpressure_settings_reached_serve(served: tuple[str, Settings]) -> None:
