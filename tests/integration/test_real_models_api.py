@@ -104,6 +104,11 @@ async def test_long_prompts_are_truncated_not_fatal(
         )
         assert response.status_code == 200, response.text
         assert response.json()["text_truncated"] is True
+        info = await client.get(f"/v1/system/models/{model}/info")
+        # The answer names the limit that applied: the model's own context.
+        context = info.json()["runtime"]["context_length"]
+        assert response.json()["text_context_length"] == context
+        assert context == (64 if model == "tiny-siglip" else 77)
 
 
 async def test_hub_models_fail_fast_offline_with_a_clear_503(

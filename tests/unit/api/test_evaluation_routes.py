@@ -19,6 +19,7 @@ RESPONSE_FIELDS = {
     "model_used",
     "error",
     "text_truncated",
+    "text_context_length",
 }
 
 

@@ -160,6 +160,8 @@ async def test_truncation_is_reported(
     assert long.text_truncated is True
     assert long.score is not None
     assert short.text_truncated is False
+    assert long.text_context_length == short.text_context_length
+    assert long.text_context_length is not None
 
 
 async def test_evaluate_one_raises_the_items_error(

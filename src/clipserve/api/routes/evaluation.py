@@ -40,6 +40,7 @@ def _response(request: EvaluationRequest, result: EvalResult, limit: int) -> Eva
         model_used=result.model,
         error=result.error.message if result.error else None,
         text_truncated=result.text_truncated,
+        text_context_length=result.text_context_length,
     )
 
 

@@ -44,6 +44,13 @@ class EvaluationResponse(BaseModel):
     text_truncated: bool = Field(
         default=False, description="True when the prompt was longer than the model's context."
     )
+    text_context_length: int | None = Field(
+        default=None,
+        description=(
+            "The model's text context in tokens (77 for CLIP, 64 for SigLIP, 248 for "
+            "Long-CLIP...): the limit text_truncated is about; null on error."
+        ),
+    )
 
 
 class BatchEvaluationRequest(BaseModel):

@@ -51,6 +51,8 @@ class EvalResult:
     error: ClipServeError | None = None
     text_truncated: bool = False
     processing_time_ms: float = 0.0
+    text_context_length: int | None = None
+    """The model's text context in tokens, the limit ``text_truncated`` is about (None on error)."""
 
 
 def _item_problem(item: EvalItem) -> ClipServeError | None:
@@ -177,6 +179,7 @@ class Evaluation:
             return [self._failed(name, exc, elapsed) for _ in items]
         progress.advance(len(items) - reported)  # images not encoded: their texts all failed
         elapsed = (time.perf_counter() - started) * 1000
+        context = handle.info.context_length
         out: list[EvalResult | None] = [None] * len(items)
         ok: list[tuple[int, torch.Tensor, TextOutcome]] = []
         for i, (ref, item) in enumerate(zip(refs, items, strict=True)):
@@ -193,7 +196,7 @@ class Evaluation:
             ).tolist()
             for (i, _, text), score in zip(ok, scores, strict=True):
                 core.metrics.clip_score_distribution.labels(name).observe(score)
-                out[i] = EvalResult(name, score, None, text.truncated, elapsed)
+                out[i] = EvalResult(name, score, None, text.truncated, elapsed, context)
             core.metrics.evaluations_total.labels(name).inc(len(ok))
         return [r for r in out if r is not None]
 
