@@ -39,7 +39,7 @@ def _require_ray() -> Any:
         from ray import serve
     except ImportError as exc:  # pragma: no cover - ray is a dev dependency
         raise ConfigError(
-            "Ray Serve mode needs Ray: pip install 'ray[serve]' (or run without --ray)"
+            "Ray Serve mode needs Ray: pip install 'clipserve[ray]' (or run without --ray)"
         ) from exc
     return serve
 
@@ -61,6 +61,7 @@ def replica_memory_gb(settings: Settings) -> float:
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """The ``serve.deployment`` options of the settings' Ray section."""
+    _require_ray()
     from ray.serve.config import BackpressureConfig
 
     ray = settings.ray
