@@ -231,6 +231,8 @@ def test_scaling_and_backpressure_settings_reached_serve(served: tuple[str, Sett
     assert config["autoscaling_config"]["target_ongoing_requests"] == 5
     assert config["max_ongoing_requests"] == 16
     assert config["max_queued_requests"] == 50
+    # Over the queue, Serve's own answer: a 429 with our Retry-After.
+    assert config["backpressure_config"] == {"status_code": 429, "retry_after_s": 2}
     assert config["health_check_period_s"] == 2
     actor = config["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"]) == (0.5, 0.0)
