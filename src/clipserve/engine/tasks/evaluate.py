@@ -30,10 +30,9 @@ from clipserve.engine.encoder import (
 from clipserve.errors import ClipServeError, InvalidInputError, quote
 from clipserve.media import ImageInput
 from clipserve.models.base import clip_scores
+from clipserve.observability.metrics import UNKNOWN_MODEL
 
 ProgressCallback = Callable[[int, int], None]
-UNKNOWN = "unknown"
-"""The metric label of models that do not exist (names clients chose must not be labels)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +202,9 @@ class Evaluation:
     def _failed(self, name: str, error: ClipServeError, elapsed_ms: float) -> EvalResult:
         if name not in self._core.registry.names(include_disabled=True):
             # A name the client made up: never a metric label, and echoed only short.
-            self._core.metrics.evaluation_errors_total.labels(UNKNOWN, type(error).__name__).inc()
+            self._core.metrics.evaluation_errors_total.labels(
+                UNKNOWN_MODEL, type(error).__name__
+            ).inc()
             return EvalResult(quote(name, 100), None, error, processing_time_ms=elapsed_ms)
         self._core.metrics.evaluation_errors_total.labels(name, type(error).__name__).inc()
         return EvalResult(name, None, error, processing_time_ms=elapsed_ms)
