@@ -53,10 +53,6 @@ def request_context() -> Iterator[RequestContext]:
         _CURRENT.reset(token)
 
 
-def current() -> RequestContext | None:
-    return _CURRENT.get()
-
-
 def note_model(name: str) -> None:
     """The request uses model config ``name`` (a registry name or ``unknown``)."""
     context = _CURRENT.get()
