@@ -18,7 +18,7 @@ images (with a prompt or a question each) into text, on the device thread, one b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -96,6 +96,63 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release weights (and device memory)."""
+        ...
+
+
+# --- the encoders as modules (what the `compile` and `onnx` runtimes work on) ---------------------
+
+TowerName = Literal["image", "text"]
+TowerForward = Callable[..., torch.Tensor]
+"""A tower's forward: its inputs (CPU or device tensors, in :attr:`Tower.input_names` order) ->
+``(n, d)`` features, not normalised."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tower:
+    """One encoder of a backend as a ``torch.nn.Module`` that :mod:`clipserve.models.runtimes`
+    compiles or exports: ``module(*inputs)`` -> ``(n, d)`` features, not normalised."""
+
+    module: torch.nn.Module
+    input_names: tuple[str, ...]
+    length_inputs: frozenset[str] = frozenset()
+    """The inputs whose dim 1 is a token count that varies between batches (dim 0, the batch,
+    always varies)."""
+    max_length: int = 1
+    """The largest such token count (the context length)."""
+    examples: tuple[tuple[torch.Tensor, ...], ...] = ()
+    """Inputs of every shape class the tower meets (batch 1, several items, short and long texts),
+    built by the backend's own preprocessing and tokenizer: the warm-up and the check against
+    eager run on these."""
+
+
+def example_texts(context_length: int) -> tuple[tuple[str, ...], ...]:
+    """Batches of texts that reach every shape class of a text tower: one short text; two of
+    different lengths; three, one of them past the context (``context_length`` tokens)."""
+    long = " ".join(["word"] * (context_length + 8))
+    return (
+        ("a photo of a cat",),
+        ("a dog", "two dogs playing in the snow beside a red wooden fence"),
+        ("a", "a photo of a bird on a branch", long),
+    )
+
+
+@runtime_checkable
+class TowerBackend(Backend, Protocol):
+    """A :class:`Backend` whose encoders are :class:`Tower` modules that another runtime may take
+    over: ``encode_images`` / ``encode_texts`` call the forward of :meth:`use_tower` (the module
+    itself until then) and keep their own input preparation and normalisation."""
+
+    def towers(self) -> Mapping[TowerName, Tower]:
+        """The towers a runtime may replace (empty when none: SigLIP 2 NaFlex...)."""
+        ...
+
+    def use_tower(self, name: TowerName, forward: TowerForward) -> None:
+        """Run tower ``name`` through ``forward`` from now on (same inputs, same outputs)."""
+        ...
+
+    def note_runtime(self, fields: Mapping[str, str]) -> None:
+        """Add ``fields`` (the runtime in use, its load time, why it fell back) to
+        ``info.extra``."""
         ...
 
 

@@ -22,9 +22,10 @@ transformers processor (with a warning at load).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,7 +33,15 @@ from PIL import Image
 from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
-from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
+from clipserve.models.base import (
+    BackendInfo,
+    Modality,
+    TokenizedTexts,
+    Tower,
+    TowerForward,
+    TowerName,
+    example_texts,
+)
 from clipserve.models.hf_preprocessing import image_pipeline, to_rgb
 from clipserve.models.loader import (
     describe_model,
@@ -64,6 +73,30 @@ def _embedding(output: Any) -> torch.Tensor:
     if not isinstance(pooled, torch.Tensor):
         raise TypeError(f"unexpected output of get_*_features: {type(output).__name__}")
     return pooled
+
+
+class _ImageTower(torch.nn.Module):
+    """``get_image_features`` as a module: pixel values -> the projected embedding."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _embedding(self.model.get_image_features(pixel_values=pixel_values))
+
+
+class _TextTower(torch.nn.Module):
+    """``get_text_features`` as a module: the tokenizer's tensors, in ``keys`` order -> the
+    projected embedding."""
+
+    def __init__(self, model: Any, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return _embedding(self.model.get_text_features(**dict(zip(self.keys, inputs, strict=True))))
 
 
 _DUAL_ENCODER_METHODS = ("get_image_features", "get_text_features")
@@ -198,6 +231,15 @@ class HfClipBackend:
         else:
             image_size = int(vision.image_size)
         params, memory = module_footprint(model)
+        self._text_keys = (
+            ("input_ids",) if architecture == "siglip" else ("input_ids", "attention_mask")
+        )
+        self._tower_modules: dict[TowerName, torch.nn.Module] = {
+            "text": _TextTower(self._model, self._text_keys)
+        }
+        if architecture != "siglip2":  # NaFlex images: patches, mask and grid stay eager
+            self._tower_modules["image"] = _ImageTower(self._model)
+        self._forwards: dict[TowerName, TowerForward] = dict(self._tower_modules)
         self._info = BackendInfo(
             backend="hf",
             architecture=architecture,
@@ -286,8 +328,7 @@ class HfClipBackend:
             )
             full = self._tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         counts = tuple(len(ids) for ids in full)
-        keys = ("input_ids",) if self._architecture == "siglip" else ("input_ids", "attention_mask")
-        inputs = {k: encoded[k] for k in keys if k in encoded}
+        inputs = {k: encoded[k] for k in self._text_keys}
         return TokenizedTexts(
             inputs=inputs,
             token_counts=counts,
@@ -297,22 +338,62 @@ class HfClipBackend:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[0] == 0:
             return torch.zeros((0, self._info.embed_dim))
-        if self._architecture == "siglip2":
-            inputs = {k: v.to(self._device) for k, v in _unpack_naflex(pixels).items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
-        else:
-            inputs = {"pixel_values": pixels.to(self._device, self._dtype)}
         with torch.inference_mode():
-            output = self._live_model().get_image_features(**inputs)
-            return normalize(_embedding(output).float(), dim=-1).cpu()
+            if self._architecture == "siglip2":
+                inputs = {k: v.to(self._device) for k, v in _unpack_naflex(pixels).items()}
+                inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype)
+                features = _embedding(self._live_model().get_image_features(**inputs))
+            else:
+                features = self._forward("image")(pixels.to(self._device, self._dtype))
+            return normalize(features.float(), dim=-1).cpu()
 
     def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
         if len(tokens) == 0:
             return torch.zeros((0, self._info.embed_dim))
-        inputs = {k: v.to(self._device) for k, v in tokens.inputs.items()}
+        forward = self._forward("text")
         with torch.inference_mode():
-            output = self._live_model().get_text_features(**inputs)
-            return normalize(_embedding(output).float(), dim=-1).cpu()
+            features = forward(*self._text_inputs(tokens))
+            return normalize(features.float(), dim=-1).cpu()
+
+    def _text_inputs(self, tokens: TokenizedTexts) -> tuple[torch.Tensor, ...]:
+        return tuple(tokens.inputs[key].to(self._device) for key in self._text_keys)
+
+    # --- TowerBackend: the runtimes (clipserve.models.runtimes) -----------------------------------
+
+    def towers(self) -> Mapping[TowerName, Tower]:
+        towers: dict[TowerName, Tower] = {}
+        if "image" in self._tower_modules:
+            side = self._info.image_size or 224
+            pixels = self.preprocess(Image.new("RGB", (side, side), (127, 127, 127)))
+            pixels = pixels.to(self._device, self._dtype)
+            towers["image"] = Tower(
+                self._tower_modules["image"],
+                ("pixel_values",),
+                examples=tuple((pixels.expand(n, *pixels.shape).contiguous(),) for n in (1, 3)),
+            )
+        padded = self._architecture in _SIGMOID  # to max_length: no length varies
+        towers["text"] = Tower(
+            self._tower_modules["text"],
+            self._text_keys,
+            length_inputs=frozenset() if padded else frozenset(self._text_keys),
+            max_length=self._context_length,
+            examples=tuple(
+                self._text_inputs(self.tokenize(texts))
+                for texts in example_texts(self._context_length)
+            ),
+        )
+        return towers
+
+    def use_tower(self, name: TowerName, forward: TowerForward) -> None:
+        self._live_model()
+        self._forwards[name] = forward
+
+    def note_runtime(self, fields: Mapping[str, str]) -> None:
+        self._info = dataclasses.replace(self._info, extra={**self._info.extra, **fields})
+
+    def _forward(self, name: TowerName) -> TowerForward:
+        self._live_model()
+        return self._forwards[name]
 
     def _live_model(self) -> Any:
         if self._model is None:
@@ -321,4 +402,6 @@ class HfClipBackend:
 
     def close(self) -> None:
         self._model = None
+        self._tower_modules.clear()
+        self._forwards.clear()
         release_device_memory(self._device)

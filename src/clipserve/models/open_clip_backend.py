@@ -8,6 +8,7 @@ subfolder named as the config names the tower (:func:`local_text_tower`), so it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -24,7 +25,15 @@ from PIL import Image
 from torch.nn.functional import normalize
 
 from clipserve.errors import ModelLoadError
-from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
+from clipserve.models.base import (
+    BackendInfo,
+    Modality,
+    TokenizedTexts,
+    Tower,
+    TowerForward,
+    TowerName,
+    example_texts,
+)
 from clipserve.models.loader import (
     CHECKPOINT_SUFFIXES,
     HF_HUB_PREFIX,
@@ -282,28 +291,67 @@ def _can_trim_text(model: Any) -> bool:
     )
 
 
-def _encode_text_trimmed(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``CLIP.encode_text`` on ``ids[:, :used]``, ``used`` = the last EOT + 1."""
+def _trim_text(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids[:, :used], ends)``: the ids cut after the batch's last end-of-text token (``used``
+    = its position + 1) and each row's end-of-text position, the trimmed tower's inputs."""
     if model.text_pool_type == "eos":
         ends = (ids == model.text_eos_id).int().argmax(dim=-1)
     else:
         ends = ids.argmax(dim=-1)
     used = int(ends.max()) + 1
-    ids = ids[:, :used]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast_dtype)
-    x = x + model.positional_embedding[:used].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:used, :used])
-    x = model.ln_final(x)
-    rows = torch.arange(x.shape[0], device=x.device)
-    pooled: torch.Tensor = x[rows, ends]
-    projection = model.text_projection
-    if projection is None:
-        return pooled
-    projected: torch.Tensor = (
-        projection(pooled) if isinstance(projection, torch.nn.Module) else pooled @ projection
-    )
-    return projected
+    return ids[:, :used], ends
+
+
+class _ImageTower(torch.nn.Module):
+    """open_clip's ``encode_image`` as a module: pixels -> features."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.model.encode_image(pixels)
+        return features
+
+
+class _TextTower(torch.nn.Module):
+    """open_clip's ``encode_text`` as a module: the full context's ids -> features."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.model.encode_text(ids)
+        return features
+
+
+class _TrimmedTextTower(torch.nn.Module):
+    """open_clip's ``CLIP.encode_text`` on ids cut to the batch's used length
+    (:func:`_trim_text`): ``(ids, ends)`` -> features. Exact for the towers
+    :func:`_can_trim_text` accepts."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        used = ids.shape[1]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast_dtype)
+        x = x + model.positional_embedding[:used].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:used, :used])
+        x = model.ln_final(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        pooled: torch.Tensor = x[rows, ends]
+        projection = model.text_projection
+        if projection is None:
+            return pooled
+        projected: torch.Tensor = (
+            projection(pooled) if isinstance(projection, torch.nn.Module) else pooled @ projection
+        )
+        return projected
 
 
 def _quantize(model: Any) -> Any:
@@ -355,6 +403,11 @@ class OpenClipBackend:
             image_size = image_size[0]
         params, memory = module_footprint(model)
         self._trimmable = _can_trim_text(model)
+        self._tower_modules: dict[TowerName, torch.nn.Module] = {
+            "image": _ImageTower(self._model),
+            "text": _TrimmedTextTower(self._model) if self._trimmable else _TextTower(self._model),
+        }
+        self._forwards: dict[TowerName, TowerForward] = dict(self._tower_modules)
         self._info = BackendInfo(
             backend="open_clip",
             architecture="siglip" if self._logit_bias is not None else "clip",
@@ -455,21 +508,57 @@ class OpenClipBackend:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[0] == 0:
             return torch.zeros((0, self._info.embed_dim))
+        forward = self._forward("image")
         with torch.inference_mode():
-            features = self._live_model().encode_image(pixels.to(self._device, self._dtype))
+            features = forward(pixels.to(self._device, self._dtype))
             return normalize(features.float(), dim=-1).cpu()
 
     def encode_texts(self, tokens: TokenizedTexts) -> torch.Tensor:
         if len(tokens) == 0:
             return torch.zeros((0, self._info.embed_dim))
-        model = self._live_model()
-        ids = tokens.inputs["input_ids"]
+        forward = self._forward("text")
         with torch.inference_mode():
-            if self._trimmable:
-                features = _encode_text_trimmed(model, ids.to(self._device))
-            else:
-                features = model.encode_text(ids.to(self._device))
+            features = forward(*self._text_inputs(tokens))
             return normalize(features.float(), dim=-1).cpu()
+
+    def _text_inputs(self, tokens: TokenizedTexts) -> tuple[torch.Tensor, ...]:
+        ids = tokens.inputs["input_ids"].to(self._device)
+        return _trim_text(self._live_model(), ids) if self._trimmable else (ids,)
+
+    # --- TowerBackend: the runtimes (clipserve.models.runtimes) -----------------------------------
+
+    def towers(self) -> Mapping[TowerName, Tower]:
+        side = self._info.image_size or 224
+        pixels = self.preprocess(Image.new("RGB", (side, side), (127, 127, 127)))
+        pixels = pixels.to(self._device, self._dtype)
+        image = Tower(
+            self._tower_modules["image"],
+            ("pixels",),
+            examples=tuple((pixels.expand(n, *pixels.shape).contiguous(),) for n in (1, 3)),
+        )
+        names = ("ids", "ends") if self._trimmable else ("ids",)
+        text = Tower(
+            self._tower_modules["text"],
+            names,
+            length_inputs=frozenset({"ids"}) if self._trimmable else frozenset(),
+            max_length=self._context_length,
+            examples=tuple(
+                self._text_inputs(self.tokenize(texts))
+                for texts in example_texts(self._context_length)
+            ),
+        )
+        return {"image": image, "text": text}
+
+    def use_tower(self, name: TowerName, forward: TowerForward) -> None:
+        self._live_model()
+        self._forwards[name] = forward
+
+    def note_runtime(self, fields: Mapping[str, str]) -> None:
+        self._info = dataclasses.replace(self._info, extra={**self._info.extra, **fields})
+
+    def _forward(self, name: TowerName) -> TowerForward:
+        self._live_model()
+        return self._forwards[name]
 
     def _live_model(self) -> Any:
         if self._model is None:
@@ -478,4 +567,6 @@ class OpenClipBackend:
 
     def close(self) -> None:
         self._model = None
+        self._tower_modules.clear()
+        self._forwards.clear()
         release_device_memory(self._device)

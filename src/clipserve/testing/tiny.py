@@ -185,20 +185,26 @@ def _clip_image_processor(
     )
 
 
+def save_hf_folder(path: Path, model: Any, processor: Any) -> Path:
+    """Save a transformers ``model`` and its ``processor`` side by side in ``path`` (created),
+    as a hub repository holds them. Returns ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
 def _save_hf_clip(
     model: Any, path: Path, *, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Path:
     from transformers import CLIPProcessor
 
-    path.mkdir(parents=True, exist_ok=True)
     context_length = int(model.config.text_config.max_position_embeddings)
     processor = CLIPProcessor(
         image_processor=_clip_image_processor(image_size, mean, std),
         tokenizer=clip_bpe_tokenizer(context_length),
     )
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def _hf_clip_config(model_cfg: Mapping[str, Any]) -> Any:
@@ -325,9 +331,8 @@ def build_tiny_hf_siglip(path: Path, *, seed: int = 0) -> Path:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    model.save_pretrained(str(path))
-    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(path))
-    return path
+    processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return save_hf_folder(path, model, processor)
 
 
 def build_tiny_hf_chinese_clip(path: Path, *, seed: int = 0) -> Path:
@@ -362,10 +367,7 @@ def build_tiny_hf_chinese_clip(path: Path, *, seed: int = 0) -> Path:
         ),
         tokenizer=tokenizer,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def build_tiny_hf_siglip2(path: Path, *, seed: int = 0) -> Path:
@@ -415,10 +417,7 @@ def build_tiny_hf_siglip2(path: Path, *, seed: int = 0) -> Path:
         image_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=256),
         tokenizer=tokenizer,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def _split_blocks(
@@ -552,10 +551,7 @@ def build_tiny_blip(
         image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def _blip_tokenizer(vocab_size: int | None = None) -> Any:
@@ -623,10 +619,7 @@ def build_tiny_blip2(path: Path, *, seed: int = 0) -> Path:
     )
     with _seeded(seed):
         model = Blip2ForConditionalGeneration(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def _tiny_blip_config(tokenizer: Any) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from clipserve.testing.tiny import _SIGLIP_CORPUS, _seeded, save_open_clip_folder
+from clipserve.testing.tiny import _SIGLIP_CORPUS, _seeded, save_hf_folder, save_open_clip_folder
 
 __all__ = [
     "XLM_ROBERTA_TEXT_CFG",
@@ -149,10 +149,7 @@ def build_tiny_hf_altclip(path: Path, *, seed: int = 0, model_max_length: int | 
         ),
         tokenizer=tokenizer,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    processor.save_pretrained(str(path))
-    return path
+    return save_hf_folder(path, model, processor)
 
 
 def build_tiny_open_clip_xlm_roberta(path: Path, *, seed: int = 0) -> Path:
