@@ -728,6 +728,14 @@ class Settings(BaseSettings):
     model_retry_interval_s: float = Field(
         default=30.0, ge=0, description="a model that failed to load is retried after this long"
     )
+    runtime_cache_dir: Path = Field(
+        default=Path("data/runtime-cache"),
+        description="where `runtime: onnx` keeps its exports (one folder per model tower)",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        default="default",
+        description="torch.compile's mode for `runtime: compile` ('reduce-overhead': CUDA graphs)",
+    )
     eval_batch_size: int = Field(default=32, gt=0, le=1024)
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     server: ServerSettings = Field(default_factory=ServerSettings)

@@ -33,6 +33,9 @@ model (BLIP captioning or VQA, BLIP-2, a remote OpenAI-compatible vision model).
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 """A model's weights: ``int8`` is float32 weights whose ``torch.nn.Linear`` layers are dynamically
 quantized to int8 at load (CPU only; elsewhere it falls back, see ``resolve_dtype``)."""
+Runtime = Literal["eager", "compile", "onnx"]
+"""What runs a model's towers: eager PyTorch, ``torch.compile`` or ONNX Runtime
+(:mod:`clipserve.models.runtimes`)."""
 CudaPrecision = Literal["fp32", "fp16", "bf16"]
 """The precisions a CUDA device runs: the service's ``cuda_precision``."""
 
@@ -130,6 +133,15 @@ class ModelSpec(BaseModel):
             "`clipserve bench --optimizations`)"
         ),
     )
+    runtime: Runtime = Field(
+        default="eager",
+        description=(
+            "'eager' (PyTorch as is); 'compile': torch.compile, compiled and warmed at load; "
+            "'onnx': exported once to ONNX (cached on disk under runtime_cache_dir) and run by "
+            "ONNX Runtime. Either is checked against eager at load and falls back to eager, "
+            "with the reason in the model info, when it cannot run"
+        ),
+    )
     preprocess: Literal["exact", "fast"] = Field(
         default="exact",
         description=(
@@ -198,6 +210,17 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"task 'caption' needs backend 'hf' (transformers BLIP, BLIP-2) or "
                 f"'openai-vision', not '{self.backend}'"
+            )
+        if self.runtime != "eager" and (
+            self.task != "embed" or self.backend not in ("open_clip", "hf")
+        ):
+            raise ValueError(
+                f"runtime '{self.runtime}' runs open_clip and hf embedding models only"
+            )
+        if self.runtime != "eager" and self.precision == "int8":
+            raise ValueError(
+                f"runtime '{self.runtime}' cannot run precision 'int8' (dynamically quantized "
+                "layers); use one of them"
             )
         if self.backend == "openai-vision" and not self.base_url:
             raise ValueError("backend 'openai-vision' needs base_url (the API's …/v1 URL)")

@@ -110,7 +110,11 @@ class EngineCore:
             settings,
             loader=loader
             or partial(
-                load_backend, media=settings.media, api_key=settings.captions.openai_api_key
+                load_backend,
+                media=settings.media,
+                api_key=settings.captions.openai_api_key,
+                runtime_cache_dir=settings.runtime_cache_dir,
+                compile_mode=settings.compile_mode,
             ),
             executors=self.executors,
             metrics=self.metrics,

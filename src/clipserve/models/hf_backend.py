@@ -87,16 +87,20 @@ class _ImageTower(torch.nn.Module):
 
 
 class _TextTower(torch.nn.Module):
-    """``get_text_features`` as a module: the tokenizer's tensors, in ``keys`` order -> the
+    """``get_text_features`` as a module: the ids (and attention mask, but for SigLIP) -> the
     projected embedding."""
 
-    def __init__(self, model: Any, keys: tuple[str, ...]) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
-        self.keys = keys
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return _embedding(self.model.get_text_features(**dict(zip(self.keys, inputs, strict=True))))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return _embedding(self.model.get_text_features(**inputs))
 
 
 _DUAL_ENCODER_METHODS = ("get_image_features", "get_text_features")
@@ -234,9 +238,7 @@ class HfClipBackend:
         self._text_keys = (
             ("input_ids",) if architecture == "siglip" else ("input_ids", "attention_mask")
         )
-        self._tower_modules: dict[TowerName, torch.nn.Module] = {
-            "text": _TextTower(self._model, self._text_keys)
-        }
+        self._tower_modules: dict[TowerName, torch.nn.Module] = {"text": _TextTower(self._model)}
         if architecture != "siglip2":  # NaFlex images: patches, mask and grid stay eager
             self._tower_modules["image"] = _ImageTower(self._model)
         self._forwards: dict[TowerName, TowerForward] = dict(self._tower_modules)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from clipserve.config import MediaSettings
     from clipserve.model_specs import CudaPrecision, ModelSpec, Precision
     from clipserve.models.base import Backend
+    from clipserve.models.runtimes import CompileMode
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +396,17 @@ def explain_load_failure(spec: ModelSpec, model_name: str, exc: BaseException) -
     return f"could not load {what} ({type(exc).__name__}; the server log has the details)"
 
 
+def _with_runtime(
+    backend: Backend, spec: ModelSpec, cache_dir: Path, compile_mode: CompileMode
+) -> Backend:
+    """``backend`` with its towers under ``spec.runtime`` (:mod:`clipserve.models.runtimes`)."""
+    if spec.runtime != "eager":
+        from clipserve.models.runtimes import apply_runtime
+
+        apply_runtime(backend, spec.runtime, cache_dir=cache_dir, compile_mode=compile_mode)
+    return backend
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 
@@ -405,6 +417,8 @@ def load_backend(
     dtype: torch.dtype,
     media: MediaSettings | None = None,
     api_key: SecretStr | None = None,
+    runtime_cache_dir: Path = Path("data/runtime-cache"),
+    compile_mode: CompileMode = "default",
 ) -> Backend:
     """Load ``spec`` on ``device`` (already resolved, e.g. by :func:`resolve_device`) in ``dtype``
     (normally from :func:`resolve_dtype`; its fallback rules also guard callers that pass fp16 for
@@ -429,7 +443,10 @@ def load_backend(
         if spec.backend == "open_clip":
             from clipserve.models.open_clip_backend import OpenClipBackend
 
-            return OpenClipBackend.load(model_name, pretrained, device=device, dtype=dtype)
+            backend: Backend = OpenClipBackend.load(
+                model_name, pretrained, device=device, dtype=dtype
+            )
+            return _with_runtime(backend, spec, runtime_cache_dir, compile_mode)
         if spec.backend == "openai-vision":
             from clipserve.config import MediaSettings
             from clipserve.models.openai_vision import OpenAIVisionBackend
@@ -444,7 +461,8 @@ def load_backend(
         if spec.backend == "hf":
             from clipserve.models.hf_backend import HfClipBackend
 
-            return HfClipBackend.load(model_name, device=device, dtype=dtype)
+            backend = HfClipBackend.load(model_name, device=device, dtype=dtype)
+            return _with_runtime(backend, spec, runtime_cache_dir, compile_mode)
         if spec.backend == "sentence-transformers":
             from clipserve.models.sentence_transformers_backend import SentenceTransformersBackend
 

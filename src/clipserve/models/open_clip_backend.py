@@ -299,7 +299,7 @@ def _trim_text(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     else:
         ends = ids.argmax(dim=-1)
     used = int(ends.max()) + 1
-    return ids[:, :used], ends
+    return ids[:, :used].contiguous(), ends  # contiguous: one compiled graph for every length
 
 
 class _ImageTower(torch.nn.Module):
