@@ -22,7 +22,6 @@ transformers processor (with a warning at load).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -38,16 +37,13 @@ from clipserve.models.base import (
     Modality,
     TokenizedTexts,
     Tower,
-    TowerForward,
     TowerName,
-    example_texts,
 )
 from clipserve.models.hf_preprocessing import image_pipeline, to_rgb
 from clipserve.models.loader import (
     describe_model,
     dtype_name,
     module_footprint,
-    release_device_memory,
 )
 from clipserve.models.quantize import (
     compute_dtype,
@@ -55,6 +51,7 @@ from clipserve.models.quantize import (
     quantization_info,
     quantize_linear_layers,
 )
+from clipserve.models.slots import TowerSlots
 
 HfArchitecture = Literal["clip", "siglip", "siglip2"]
 _SIGMOID: frozenset[HfArchitecture] = frozenset({"siglip", "siglip2"})
@@ -190,7 +187,7 @@ def load_processor(model_name: str) -> Any:
     return processor
 
 
-class HfClipBackend:
+class HfClipBackend(TowerSlots):
     """A transformers CLIP or SigLIP model on one device. Build it with :meth:`load`."""
 
     def __init__(
@@ -238,10 +235,10 @@ class HfClipBackend:
         self._text_keys = (
             ("input_ids",) if architecture == "siglip" else ("input_ids", "attention_mask")
         )
-        self._tower_modules: dict[TowerName, torch.nn.Module] = {"text": _TextTower(self._model)}
+        modules: dict[TowerName, torch.nn.Module] = {"text": _TextTower(self._model)}
         if architecture != "siglip2":  # NaFlex images: patches, mask and grid stay eager
-            self._tower_modules["image"] = _ImageTower(self._model)
-        self._forwards: dict[TowerName, TowerForward] = dict(self._tower_modules)
+            modules["image"] = _ImageTower(self._model)
+        self._init_towers(modules)
         self._info = BackendInfo(
             backend="hf",
             architecture=architecture,
@@ -365,45 +362,9 @@ class HfClipBackend:
     def towers(self) -> Mapping[TowerName, Tower]:
         towers: dict[TowerName, Tower] = {}
         if "image" in self._tower_modules:
-            side = self._info.image_size or 224
-            pixels = self.preprocess(Image.new("RGB", (side, side), (127, 127, 127)))
-            pixels = pixels.to(self._device, self._dtype)
-            towers["image"] = Tower(
-                self._tower_modules["image"],
-                ("pixel_values",),
-                examples=tuple((pixels.expand(n, *pixels.shape).contiguous(),) for n in (1, 3)),
-            )
+            towers["image"] = self._image_tower("pixel_values")
         padded = self._architecture in _SIGMOID  # to max_length: no length varies
-        towers["text"] = Tower(
-            self._tower_modules["text"],
-            self._text_keys,
-            length_inputs=frozenset() if padded else frozenset(self._text_keys),
-            max_length=self._context_length,
-            examples=tuple(
-                self._text_inputs(self.tokenize(texts))
-                for texts in example_texts(self._context_length)
-            ),
+        towers["text"] = self._text_tower(
+            self._text_keys, frozenset() if padded else frozenset(self._text_keys)
         )
         return towers
-
-    def use_tower(self, name: TowerName, forward: TowerForward) -> None:
-        self._live_model()
-        self._forwards[name] = forward
-
-    def note_runtime(self, fields: Mapping[str, str]) -> None:
-        self._info = dataclasses.replace(self._info, extra={**self._info.extra, **fields})
-
-    def _forward(self, name: TowerName) -> TowerForward:
-        self._live_model()
-        return self._forwards[name]
-
-    def _live_model(self) -> Any:
-        if self._model is None:
-            raise RuntimeError(f"backend for {self._info.extra['model_name']} was closed")
-        return self._model
-
-    def close(self) -> None:
-        self._model = None
-        self._tower_modules.clear()
-        self._forwards.clear()
-        release_device_memory(self._device)

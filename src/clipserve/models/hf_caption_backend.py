@@ -38,9 +38,9 @@ from clipserve.models.loader import (
     describe_model,
     dtype_name,
     module_footprint,
-    release_device_memory,
 )
 from clipserve.models.quantize import compute_dtype, is_int8, quantization_info
+from clipserve.models.slots import ModelSlot
 
 CaptionArchitecture = Literal["blip", "blip-vqa", "blip-2"]
 _MODALITIES: dict[CaptionArchitecture, frozenset[Modality]] = {
@@ -67,7 +67,7 @@ def _architecture(config: Any, model_name: str) -> CaptionArchitecture:
     )
 
 
-class HfCaptionBackend(CaptionBackend):
+class HfCaptionBackend(ModelSlot, CaptionBackend):
     """A transformers BLIP or BLIP-2 model on one device. Build it with :meth:`load`."""
 
     def __init__(
@@ -244,12 +244,3 @@ class HfCaptionBackend(CaptionBackend):
                 detail={"prompt_tokens": len(ids), "context_length": self._context_length},
             )
         return ids
-
-    def _live_model(self) -> Any:
-        if self._model is None:
-            raise RuntimeError(f"backend for {self._info.extra['model_name']} was closed")
-        return self._model
-
-    def close(self) -> None:
-        self._model = None
-        release_device_memory(self._device)

@@ -8,7 +8,6 @@ subfolder named as the config names the tower (:func:`local_text_tower`), so it 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -30,9 +29,7 @@ from clipserve.models.base import (
     Modality,
     TokenizedTexts,
     Tower,
-    TowerForward,
     TowerName,
-    example_texts,
 )
 from clipserve.models.loader import (
     CHECKPOINT_SUFFIXES,
@@ -41,7 +38,6 @@ from clipserve.models.loader import (
     describe_model,
     dtype_name,
     module_footprint,
-    release_device_memory,
 )
 from clipserve.models.quantize import (
     QUANTIZED_LINEAR,
@@ -50,6 +46,7 @@ from clipserve.models.quantize import (
     quantization_info,
     quantize_linear_layers,
 )
+from clipserve.models.slots import TowerSlots
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +370,7 @@ def _quantize(model: Any) -> Any:
     return model
 
 
-class OpenClipBackend:
+class OpenClipBackend(TowerSlots):
     """An open_clip model on one device. Build it with :meth:`load`."""
 
     def __init__(
@@ -403,11 +400,14 @@ class OpenClipBackend:
             image_size = image_size[0]
         params, memory = module_footprint(model)
         self._trimmable = _can_trim_text(model)
-        self._tower_modules: dict[TowerName, torch.nn.Module] = {
-            "image": _ImageTower(self._model),
-            "text": _TrimmedTextTower(self._model) if self._trimmable else _TextTower(self._model),
-        }
-        self._forwards: dict[TowerName, TowerForward] = dict(self._tower_modules)
+        self._init_towers(
+            {
+                "image": _ImageTower(self._model),
+                "text": _TrimmedTextTower(self._model)
+                if self._trimmable
+                else _TextTower(self._model),
+            }
+        )
         self._info = BackendInfo(
             backend="open_clip",
             architecture="siglip" if self._logit_bias is not None else "clip",
@@ -528,45 +528,6 @@ class OpenClipBackend:
     # --- TowerBackend: the runtimes (clipserve.models.runtimes) -----------------------------------
 
     def towers(self) -> Mapping[TowerName, Tower]:
-        side = self._info.image_size or 224
-        pixels = self.preprocess(Image.new("RGB", (side, side), (127, 127, 127)))
-        pixels = pixels.to(self._device, self._dtype)
-        image = Tower(
-            self._tower_modules["image"],
-            ("pixels",),
-            examples=tuple((pixels.expand(n, *pixels.shape).contiguous(),) for n in (1, 3)),
-        )
         names = ("ids", "ends") if self._trimmable else ("ids",)
-        text = Tower(
-            self._tower_modules["text"],
-            names,
-            length_inputs=frozenset({"ids"}) if self._trimmable else frozenset(),
-            max_length=self._context_length,
-            examples=tuple(
-                self._text_inputs(self.tokenize(texts))
-                for texts in example_texts(self._context_length)
-            ),
-        )
-        return {"image": image, "text": text}
-
-    def use_tower(self, name: TowerName, forward: TowerForward) -> None:
-        self._live_model()
-        self._forwards[name] = forward
-
-    def note_runtime(self, fields: Mapping[str, str]) -> None:
-        self._info = dataclasses.replace(self._info, extra={**self._info.extra, **fields})
-
-    def _forward(self, name: TowerName) -> TowerForward:
-        self._live_model()
-        return self._forwards[name]
-
-    def _live_model(self) -> Any:
-        if self._model is None:
-            raise RuntimeError(f"backend for {self._info.extra['model_name']} was closed")
-        return self._model
-
-    def close(self) -> None:
-        self._model = None
-        self._tower_modules.clear()
-        self._forwards.clear()
-        release_device_memory(self._device)
+        lengths = frozenset({"ids"}) if self._trimmable else frozenset()
+        return {"image": self._image_tower("pixels"), "text": self._text_tower(names, lengths)}

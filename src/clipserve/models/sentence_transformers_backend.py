@@ -16,13 +16,14 @@ from torch.nn.functional import normalize
 
 from clipserve.errors import UnsupportedModalityError
 from clipserve.models.base import BackendInfo, Modality, TokenizedTexts
-from clipserve.models.loader import dtype_name, module_footprint, release_device_memory
+from clipserve.models.loader import dtype_name, module_footprint
 from clipserve.models.quantize import (
     compute_dtype,
     is_int8,
     quantization_info,
     quantize_linear_layers,
 )
+from clipserve.models.slots import ModelSlot
 
 _MODALITIES: frozenset[Modality] = frozenset({"text"})
 TEXT_LOGIT_SCALE = 20.0
@@ -30,7 +31,7 @@ TEXT_LOGIT_SCALE = 20.0
 temperature; 20 is the scale of the MultipleNegativesRankingLoss most of them are trained with."""
 
 
-class SentenceTransformersBackend:
+class SentenceTransformersBackend(ModelSlot):
     """A sentence-transformers text model on one device. Build it with :meth:`load`."""
 
     def __init__(self, model: Any, *, device: str, dtype: torch.dtype, name: str) -> None:
@@ -141,12 +142,3 @@ class SentenceTransformersBackend:
             return torch.zeros((0, self._info.embed_dim))
         with torch.inference_mode():
             return normalize(self._forward(dict(tokens.inputs)).float(), dim=-1).cpu()
-
-    def _live_model(self) -> Any:
-        if self._model is None:
-            raise RuntimeError(f"backend for {self._name} was closed")
-        return self._model
-
-    def close(self) -> None:
-        self._model = None
-        release_device_memory(self._device)
