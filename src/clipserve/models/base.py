@@ -20,12 +20,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from PIL import Image
+
+from clipserve.model_specs import Runtime
 
 Modality = Literal["text", "image", "caption", "answer"]
 """What a model's queues do: encode ``text`` or ``image`` inputs (embedding models), or generate a
@@ -46,6 +49,11 @@ class TokenizedTexts:
         return len(self.token_counts)
 
 
+_RUNTIMES: Mapping[str, Runtime] = MappingProxyType(
+    {"eager": "eager", "compile": "compile", "onnx": "onnx"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
     backend: str
@@ -61,6 +69,31 @@ class BackendInfo:
     parameter_count: int = 0
     memory_bytes: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def runtime(self) -> RuntimeInUse:
+        """What runs the encoders, as :mod:`clipserve.models.runtimes` left it in ``extra``
+        (``eager`` for a backend no runtime touched)."""
+        towers = self.extra.get("runtime_towers", "")
+        load_s = self.extra.get("runtime_load_s")
+        return RuntimeInUse(
+            name=_RUNTIMES.get(self.extra.get("runtime", "eager"), "eager"),
+            towers=tuple(towers.split(",")) if towers else (),
+            load_s=float(load_s) if load_s is not None else None,
+            fallback=self.extra.get("runtime_fallback"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeInUse:
+    name: Runtime
+    """``eager``, ``compile`` or ``onnx``."""
+    towers: tuple[str, ...]
+    """The towers the runtime took (``image``, ``text``); the others run eager."""
+    load_s: float | None
+    """Compile or export (or cache read) and check time at load."""
+    fallback: str | None
+    """Why a tower stayed eager, when one did."""
 
 
 @runtime_checkable

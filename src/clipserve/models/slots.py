@@ -55,7 +55,7 @@ class TowerSlots(ModelSlot):
     _context_length: int
 
     def _init_towers(self, modules: dict[TowerName, torch.nn.Module]) -> None:
-        self._tower_modules = modules
+        self._tower_modules = {name: module.eval() for name, module in modules.items()}
         self._forwards: dict[TowerName, TowerForward] = dict(modules)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,46 @@ async def test_the_warmup_metric_is_set_and_removed_on_unload(
         while f'{_METRIC}{{model="extra"}}' in (await client.get("/metrics")).text:
             await asyncio.sleep(0.01)
     assert 'model_load_time_seconds{model="extra"}' not in (await client.get("/metrics")).text
+
+
+@pytest.mark.parametrize("export_fails", [False, True])
+async def test_capabilities_and_model_info_say_which_runtime_runs(
+    client_for: Callable[..., Any],
+    make_settings: Callable[..., Any],
+    tiny_registry: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    export_fails: bool,
+) -> None:
+    from clipserve.models import runtimes
+
+    if export_fails:
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("exporter crashed")
+
+        monkeypatch.setattr(runtimes, "_export", broken)
+    models = {"tiny-onnx": {**tiny_registry["tiny"], "runtime": "onnx"}}
+    loader = partial(load_backend, runtime_cache_dir=tmp_path / "runtime-cache")
+    client = await client_for(make_settings(models), FakeLoader(loader))
+    (warmed,) = (await client.post(_WARMUP, json={"models": ["tiny-onnx"]})).json()["models"]
+    assert warmed["status"] == "ok", warmed["error"]
+
+    body = (await client.get(_CAPABILITIES)).json()
+    (model,) = body["models"]
+    assert body["compiled"] is False
+    assert model["compiled"] is False
+    assert model["runtime_load_ms"] > 0
+    info = (await client.get("/v1/system/models/tiny-onnx/info")).json()
+    assert info["spec"]["runtime"] == "onnx"
+    if export_fails:  # both towers stayed eager, and both say why
+        assert (model["runtime"], model["runtime_towers"]) == ("eager", [])
+        assert model["runtime_fallback"] == (
+            "image: RuntimeError: exporter crashed; text: RuntimeError: exporter crashed"
+        )
+        assert info["runtime"]["runtime"] == "eager"
+        assert info["runtime"]["runtime_fallback"] == model["runtime_fallback"]
+    else:
+        assert (model["runtime"], model["runtime_towers"]) == ("onnx", ["image", "text"])
+        assert model["runtime_fallback"] is None
+        assert (info["runtime"]["runtime"], info["runtime"]["runtime_fallback"]) == ("onnx", None)

@@ -44,6 +44,8 @@ def _runtime(status: ModelStatus) -> ModelRuntime:
         context_length=info.context_length if info else None,
         image_size=info.image_size if info else None,
         modalities=sorted(info.modalities) if info else None,
+        runtime=info.runtime.name if info else None,
+        runtime_fallback=info.runtime.fallback if info else None,
         in_flight=status.in_flight,
         error=status.error,
     )

@@ -141,12 +141,18 @@ def _model_capabilities(status: ModelStatus, queues: list[QueueStats]) -> ModelC
     info = status.info
     assert info is not None  # loaded
     by_modality = {q.modality: q for q in queues if q.model == status.name}  # the newest wins
+    runtime = info.runtime
     return ModelCapabilities(
         name=status.name,
         backend=info.backend,
         architecture=info.architecture,
         device=info.device,
         dtype=info.dtype,
+        runtime=runtime.name,
+        compiled=runtime.name == "compile",
+        runtime_towers=list(runtime.towers),
+        runtime_load_ms=None if runtime.load_s is None else _ms(runtime.load_s),
+        runtime_fallback=runtime.fallback,
         modalities=sorted(info.modalities),
         queues=[
             QueueCapabilities(
@@ -170,9 +176,15 @@ async def capabilities(engine: EngineDep) -> CapabilitiesResponse:
     settings = engine.settings
     device, dtype = _default_device(settings)
     queues = list(engine.batcher.stats().queues)
+    models = [
+        _model_capabilities(s, queues)
+        for s in engine.registry.statuses()
+        if s.loaded and s.info is not None
+    ]
     return CapabilitiesResponse(
         device=device,
         dtype=dtype,
+        compiled=any(m.compiled for m in models),
         pillow_version=PIL.__version__,
         backends=backend_packages(),
         torch_version=torch.__version__,
@@ -180,11 +192,7 @@ async def capabilities(engine: EngineDep) -> CapabilitiesResponse:
         cuda_version=torch.version.cuda,
         gpu=_gpus(),
         max_batch_size=settings.batching.max_batch_size,
-        models=[
-            _model_capabilities(s, queues)
-            for s in engine.registry.statuses()
-            if s.loaded and s.info is not None
-        ],
+        models=models,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipserve.model_specs import ModelSpec
+from clipserve.model_specs import ModelSpec, Runtime
 
 
 class ModelSummary(BaseModel):
@@ -45,6 +45,12 @@ class ModelRuntime(BaseModel):
     context_length: int | None = None
     image_size: int | None = None
     modalities: list[str] | None = None
+    runtime: Runtime | None = Field(
+        default=None, description="What runs the encoders once loaded (eager where it fell back)."
+    )
+    runtime_fallback: str | None = Field(
+        default=None, description="Why the spec's runtime did not take a tower."
+    )
     in_flight: int = Field(default=0, description="Requests currently using the model.")
     error: str | None = None
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipserve.model_specs import Runtime
 from clipserve.models.base import Modality
 
 
@@ -148,8 +149,20 @@ class ModelCapabilities(BaseModel):
     architecture: str
     device: str
     dtype: str
-    runtime: Literal["eager"] = "eager"
-    compiled: bool = False
+    runtime: Runtime = Field(
+        default="eager",
+        description="What runs the encoders: the spec's runtime, or eager where it fell back.",
+    )
+    compiled: bool = Field(default=False, description="torch.compile graphs warmed at load.")
+    runtime_towers: list[str] = Field(
+        default_factory=list, description="The towers the runtime took (the others run eager)."
+    )
+    runtime_load_ms: float | None = Field(
+        default=None, description="Compile or ONNX export/cache read, and the check, at load."
+    )
+    runtime_fallback: str | None = Field(
+        default=None, description="Why a tower stayed eager, when one did."
+    )
     modalities: list[str]
     queues: list[QueueCapabilities]
     load_time_ms: float | None = None
@@ -160,8 +173,10 @@ class ModelCapabilities(BaseModel):
 class CapabilitiesResponse(BaseModel):
     device: str = Field(description="The service's default device.")
     dtype: str | None = Field(description="Weights' dtype on it unless a model overrides it.")
-    runtime: Literal["eager"] = Field(default="eager", description="No torch.compile, no ONNX.")
-    compiled: bool = False
+    runtime: Runtime = Field(
+        default="eager", description="The default; a model's spec may say compile or onnx."
+    )
+    compiled: bool = Field(default=False, description="Whether any loaded model is compiled.")
     image_decoder: Literal["pillow"] = "pillow"
     pillow_version: str
     backends: dict[str, bool] = Field(description="Which backend libraries are installed.")
