@@ -8,11 +8,18 @@ In this process (no server, no engine), for each model, one row per method:
 * ``int8``  - ``precision: int8``: float32 weights, Linear layers dynamically quantized
   (:mod:`clipserve.models.quantize`; on CUDA it falls back to fp16, which the dtype column shows);
 * ``fast``  - float32 weights with ``preprocess: fast``: JPEGs decoded at the smallest DCT scale
-  still at least the model's input size (``ImageLoader.load(..., draft=image_size)``).
+  still at least the model's input size (``ImageLoader.load(..., draft=image_size)``);
+* ``compile`` - float32 with ``runtime: compile`` (:mod:`clipserve.models.runtimes`): its load
+  time includes compiling and warming every shape bucket;
+* ``onnx``  - float32 with ``runtime: onnx``: its load time includes the export (into a fresh
+  cache; a later load reads it from there) and the check against eager.
 
-Columns: the weight dtype the backend reports, the load time, the weights' memory
-(``BackendInfo.memory_bytes``), images/s and texts/s at batch 1 and at ``batch`` (images: JPEG
-bytes of ``size``-pixel photos -> decode -> preprocess -> forward; texts: tokenize -> forward;
+A runtime that falls back keeps its row, with the ``runtime`` column saying what ran (``eager``)
+and the reason after the figures.
+
+Columns: the weight dtype the backend reports, the runtime that ran, the load time, the weights'
+memory (``BackendInfo.memory_bytes``), images/s and texts/s at batch 1 and at ``batch`` (images:
+JPEG bytes of ``size``-pixel photos -> decode -> preprocess -> forward; texts: tokenize -> forward;
 the median call of ``seconds`` of calls, after one warm-up call), and the deviation from ``fp32``
 on ``photos`` real photos (scikit-image's, cropped and flipped, as JPEGs) and their captions:
 
@@ -46,7 +53,7 @@ import torch
 from clipserve.bench import bench_registry, jpeg_bytes, sample_images
 from clipserve.config import MediaSettings
 from clipserve.media import ImageLoader
-from clipserve.model_specs import ModelSpec, Precision
+from clipserve.model_specs import ModelSpec, Precision, Runtime
 from clipserve.models.base import Backend
 from clipserve.models.loader import load_backend, resolve_device, resolve_dtype
 
@@ -80,6 +87,7 @@ class Method:
     name: str
     precision: Precision
     preprocess: Preprocess
+    runtime: Runtime = "eager"
 
 
 METHODS = (
@@ -87,6 +95,8 @@ METHODS = (
     Method("bf16", "bf16", "exact"),
     Method("int8", "int8", "exact"),
     Method("fast", "fp32", "fast"),
+    Method("compile", "fp32", "exact", "compile"),
+    Method("onnx", "fp32", "exact", "onnx"),
 )
 """The methods in the order they are measured; the first is the reference."""
 
@@ -107,6 +117,10 @@ class Figures:
 
     dtype: str
     """The weights' dtype as the backend reports it (``int8`` when quantized)."""
+    runtime: Runtime
+    """What ran the towers (``eager`` where the method's runtime fell back)."""
+    runtime_fallback: str | None
+    """Why it fell back, when it did."""
     load_s: float
     memory_mb: float
     """The weights' and buffers' memory (``BackendInfo.memory_bytes``)."""
@@ -235,18 +249,26 @@ async def _bench_model(
     device: str,
     seconds: float,
     batch: int,
+    runtime_cache_dir: Path,
 ) -> list[OptimizationResult]:
     rows: list[OptimizationResult] = []
     reference: _Outputs | None = None
     async with ImageLoader(MediaSettings()) as loader:
         for method in METHODS:
             variant = spec.model_copy(
-                update={"precision": method.precision, "preprocess": method.preprocess}
+                update={
+                    "precision": method.precision,
+                    "preprocess": method.preprocess,
+                    "runtime": method.runtime,
+                }
             )
             try:
                 started = time.perf_counter()
                 backend = load_backend(
-                    variant, device=device, dtype=resolve_dtype(device, method.precision, "fp16")
+                    variant,
+                    device=device,
+                    dtype=resolve_dtype(device, method.precision, "fp16"),
+                    runtime_cache_dir=runtime_cache_dir,
                 )
                 load_s = time.perf_counter() - started
                 draft = backend.info.image_size if method.preprocess == "fast" else None
@@ -270,6 +292,8 @@ async def _bench_model(
                     method.name,
                     Figures(
                         dtype=backend.info.dtype,
+                        runtime=backend.info.runtime.name,
+                        runtime_fallback=backend.info.runtime.fallback,
                         load_s=load_s,
                         memory_mb=backend.info.memory_bytes / 2**20,
                         images_per_s=image_rates,
@@ -330,7 +354,15 @@ def run_optimizations(
         for model in models:
             spec = with_fixed_weights(ModelSpec.model_validate(registry[model]), Path(tmp))
             results += asyncio.run(
-                _bench_model(model, spec, inputs, device=resolved, seconds=seconds, batch=batch)
+                _bench_model(
+                    model,
+                    spec,
+                    inputs,
+                    device=resolved,
+                    seconds=seconds,
+                    batch=batch,
+                    runtime_cache_dir=Path(tmp) / "runtime-cache",
+                )
             )
     return results
 
@@ -339,22 +371,23 @@ def format_optimizations(results: Sequence[OptimizationResult], batch: int = 32)
     """The table of :func:`run_optimizations`' rows, one line each."""
     bs = f"b{batch}"
     lines = [
-        f"{'model':<9} {'method':<6} {'dtype':<8} {'load s':>6} {'MB':>7} "
+        f"{'model':<9} {'method':<7} {'dtype':<8} {'runtime':<7} {'load s':>6} {'MB':>7} "
         f"{'img/s b1':>8} {'img/s ' + bs:>9} {'txt/s b1':>8} {'txt/s ' + bs:>9} "
         f"{'max|dS|':>7} {'img cos':>7} {'txt cos':>7} {'top-1':>5}"
     ]
     for r in results:
-        head = f"{r.model:<9} {r.method:<6} "
+        head = f"{r.model:<9} {r.method:<7} "
         f = r.figures
         if f is None:
             lines.append(f"{head}not run: {r.error}")
             continue
         d = f.deviation
+        fallback = f"  (eager: {f.runtime_fallback})" if f.runtime_fallback else ""
         lines.append(
-            f"{head}{f.dtype:<8} {f.load_s:>6.2f} {f.memory_mb:>7.1f} "
+            f"{head}{f.dtype:<8} {f.runtime:<7} {f.load_s:>6.2f} {f.memory_mb:>7.1f} "
             f"{f.images_per_s[0]:>8.1f} {f.images_per_s[1]:>9.1f} "
             f"{f.texts_per_s[0]:>8.1f} {f.texts_per_s[1]:>9.1f} "
             f"{d.max_score_delta:>7.3f} {d.min_image_cosine:>7.4f} {d.min_text_cosine:>7.4f} "
-            f"{d.top1_agreement:>5.2f}"
+            f"{d.top1_agreement:>5.2f}{fallback}"
         )
     return lines

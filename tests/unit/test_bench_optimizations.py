@@ -28,7 +28,7 @@ def rows() -> list[OptimizationResult]:
 def test_a_row_per_method_with_sane_figures(rows: list[OptimizationResult]) -> None:
     assert [(r.model, r.method) for r in rows] == [("tiny", m.name) for m in METHODS]
     by_method = {r.method: r for r in rows}
-    for name in ("fp32", "int8", "fast"):  # bf16 may be refused by a CPU: its row says why
+    for name in ("fp32", "int8", "fast", "compile", "onnx"):  # bf16 may be refused by a CPU
         assert by_method[name].figures is not None, by_method[name].error
     for row in rows:
         if row.figures is None:
@@ -60,6 +60,15 @@ def test_a_row_per_method_with_sane_figures(rows: list[OptimizationResult]) -> N
     assert fast.dtype == "float32"
     assert fast.deviation.min_text_cosine == pytest.approx(1, abs=1e-6)  # texts are untouched
     assert fast.deviation.min_image_cosine < 1 - 1e-6  # the draft decode changes the pixels
+    assert {(f.runtime, f.runtime_fallback) for f in (reference, int8, fast)} == {("eager", None)}
+    for name in ("compile", "onnx"):  # the runtime ran, and drifts by no more than float noise
+        figures = by_method[name].figures
+        assert figures is not None
+        assert (figures.runtime, figures.runtime_fallback) == (name, None)
+        assert figures.deviation.max_score_delta < 1e-3
+        assert figures.deviation.min_image_cosine > 1 - 1e-5
+        assert figures.deviation.min_text_cosine > 1 - 1e-5
+        assert figures.deviation.top1_agreement == 1
 
 
 def test_the_table_has_a_line_per_row(rows: list[OptimizationResult]) -> None:
@@ -77,6 +86,22 @@ def test_a_failing_method_is_a_row_with_its_error() -> None:
     (_, line) = format_optimizations([failed])
     assert line.split()[:2] == ["tiny", "bf16"]
     assert "not run: RuntimeError: no bf16 kernels" in line
+
+
+def test_a_runtime_that_fell_back_says_so_in_its_row() -> None:
+    figures = bench_optimizations.Figures(
+        dtype="float32",
+        runtime="eager",
+        runtime_fallback="text: RuntimeUnavailableError: onnxruntime is not installed",
+        load_s=1.0,
+        memory_mb=2.0,
+        images_per_s=(1.0, 2.0),
+        texts_per_s=(3.0, 4.0),
+        deviation=bench_optimizations.Deviation(0.0, 1.0, 1.0, 1.0),
+    )
+    (_, line) = format_optimizations([OptimizationResult("tiny", "onnx", figures)])
+    assert line.split()[:4] == ["tiny", "onnx", "float32", "eager"]
+    assert line.endswith("(eager: text: RuntimeUnavailableError: onnxruntime is not installed)")
 
 
 def test_deviation_of_known_embeddings() -> None:
