@@ -188,8 +188,8 @@ def bench(
         bool,
         typer.Option(
             "--optimizations",
-            help="In this process instead: fp32 vs bf16, int8 and preprocess fast, with their "
-            "speed and their deviation from fp32 on real photos.",
+            help="In this process instead: fp32 vs bf16, int8, preprocess fast and the compile "
+            "and onnx runtimes, with their speed and their deviation from fp32 on real photos.",
         ),
     ] = False,
     seconds: Annotated[
@@ -199,9 +199,10 @@ def bench(
 ) -> None:
     """Concurrent single requests against a real server, batched vs --max-batch-size 1, and the
     raw model (random weights, no download): pairs/s, p50/p99, speed-up and server overhead.
-    With --optimizations: the opt-in speed-ups (precision bf16 and int8, preprocess fast) against
-    fp32 in this process: img/s and texts/s at batch 1 and 32, load time, weights' memory, and
-    the max CLIP score change, min embedding cosines and zero-shot top-1 agreement."""
+    With --optimizations: the opt-in speed-ups (precision bf16 and int8, preprocess fast, runtime
+    compile and onnx) against fp32 in this process: img/s and texts/s at batch 1 and 32, load
+    time, weights' memory, and the max CLIP score change, min embedding cosines and zero-shot
+    top-1 agreement."""
     default = "vit-b-32" if optimizations else "tiny,vit-b-32"
     names = [m.strip() for m in (models or default).split(",") if m.strip()]
     unknown = sorted(set(names) - {"tiny", "vit-b-32"})
