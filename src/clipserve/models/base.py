@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
@@ -49,9 +49,7 @@ class TokenizedTexts:
         return len(self.token_counts)
 
 
-_RUNTIMES: Mapping[str, Runtime] = MappingProxyType(
-    {"eager": "eager", "compile": "compile", "onnx": "onnx"}
-)
+_RUNTIMES: Mapping[str, Runtime] = MappingProxyType({name: name for name in get_args(Runtime)})
 
 
 @dataclass(frozen=True, slots=True)
